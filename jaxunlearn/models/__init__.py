@@ -1,0 +1,83 @@
+"""Flax NNX ports of Hugging Face causal LMs (Llama family, Mistral, Qwen2/3, GPT-2).
+
+Architecture only: `build_model(cfg)` makes a randomly initialised model and
+`hf_param_map(cfg)` says which Hugging Face tensor fills each parameter; loading and
+exporting checkpoints lives in `jaxunlearn.checkpoints`.
+
+Every model is called as
+`model(input_ids, attention_mask=None, *, position_ids=None, hidden_layers=(),
+return_logits=True, cache=None) -> CausalLMOutput`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxunlearn.models import gpt2, llama
+from jaxunlearn.models.cache import KVCache, init_cache
+from jaxunlearn.models.config import SUPPORTED_MODEL_TYPES, HFParam, ModelConfig
+from jaxunlearn.models.generate import filter_logits, generate
+from jaxunlearn.models.gpt2 import GPT2LMHeadModel
+from jaxunlearn.models.llama import LlamaForCausalLM
+from jaxunlearn.models.outputs import CausalLMOutput, Head
+
+CausalLM = LlamaForCausalLM | GPT2LMHeadModel
+
+
+def _family(cfg: ModelConfig):
+    if cfg.model_type in llama.LLAMA_FAMILY:
+        return llama, LlamaForCausalLM
+    if cfg.model_type == "gpt2":
+        return gpt2, GPT2LMHeadModel
+    raise ValueError(
+        f"Unsupported model_type {cfg.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+    )
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs | None = None,
+) -> CausalLM:
+    """Builds the NNX model for `cfg` with randomly initialised parameters.
+
+    Works under `nnx.eval_shape` (for sharded loading without materialising weights).
+
+    Args:
+      cfg: the architecture.
+      dtype: compute dtype (float32 or bfloat16); norms and softmax stay float32.
+      param_dtype: parameter storage dtype.
+      rngs: initialisation randomness (default `nnx.Rngs(0)`).
+
+    Returns:
+      A `LlamaForCausalLM` or `GPT2LMHeadModel`.
+    """
+    _, cls = _family(cfg)
+    return cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs or nnx.Rngs(0))
+
+
+def hf_param_map(cfg: ModelConfig) -> dict[str, HFParam]:
+    """NNX parameter path ("layers.0.attn.q_proj.kernel") -> `HFParam(key, transpose)`."""
+    module, _ = _family(cfg)
+    return module.hf_param_map(cfg)
+
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "CausalLM",
+    "CausalLMOutput",
+    "GPT2LMHeadModel",
+    "HFParam",
+    "Head",
+    "KVCache",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "build_model",
+    "filter_logits",
+    "generate",
+    "hf_param_map",
+    "init_cache",
+]

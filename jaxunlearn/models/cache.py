@@ -1,0 +1,108 @@
+"""Fixed-size key/value cache shared by the model ports and `generate`.
+
+The cache is a plain pytree (a NamedTuple of arrays) so it passes through `jax.jit`,
+`jax.lax.while_loop` and donation like any other state. Its size is fixed at creation
+(prompt length + new tokens), so every decode step has the same shapes and compiles once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxunlearn.models.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every decoder layer, preallocated to `max_length` slots.
+
+    A model call with `cache=` writes its T new keys/values at slots
+    `[index, index + T)`, marks those slots valid where its `attention_mask` is 1, and
+    attends over all valid slots at or before each query's slot.
+
+    Attributes:
+      keys: per layer, [batch, max_length, kv_heads, head_dim] keys (after RoPE).
+      values: per layer, [batch, max_length, kv_heads, head_dim] values.
+      mask: [batch, max_length] int32, 1 where a slot holds a real (non-padding) token.
+      index: [] int32, the number of slots written so far (the next write position).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    mask: jax.Array
+    index: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.mask.shape[1]
+
+
+def init_cache(
+    cfg: ModelConfig, batch_size: int, max_length: int, dtype: jnp.dtype = jnp.float32
+) -> KVCache:
+    """Returns an empty cache for `batch_size` rows of up to `max_length` tokens.
+
+    Args:
+      cfg: the model's config (layers, key/value heads, head_dim).
+      batch_size: rows B.
+      max_length: slots S (prompt length + tokens to generate).
+      dtype: storage dtype of keys and values; use the model's compute dtype.
+
+    Returns:
+      A `KVCache` of zeros with `index == 0`.
+    """
+    shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+    return KVCache(
+        keys=zeros,
+        values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+        mask=jnp.zeros((batch_size, max_length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def update_layer(
+    cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Writes [B, T, Hkv, Dh] keys/values at slot `index` of one layer's cache."""
+    start = (0, index, 0, 0)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+    return cache_k, cache_v
+
+
+def attention_mask_bts(
+    attention_mask: jax.Array,
+    cache: KVCache | None,
+    sliding_window: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Builds the boolean [B, T, S] "query may attend to key" mask and the new slot mask.
+
+    Causal by slot index and restricted to real keys, as transformers' `create_causal_mask`
+    builds it (`kv_idx <= q_idx` and the padding mask); with `sliding_window` W also
+    `kv_idx > q_idx - W` (`sliding_window_overlay`).
+
+    Args:
+      attention_mask: [B, T] 1 for real tokens among the T new ones.
+      cache: the cache being extended, or None for a plain forward pass (S == T).
+      sliding_window: W, or None for full causal attention.
+
+    Returns:
+      (allowed [B, T, S] bool, key_mask [B, S] int32 after writing the new tokens).
+    """
+    t = attention_mask.shape[1]
+    mask = attention_mask.astype(jnp.int32)
+    if cache is None:
+        start = jnp.zeros((), jnp.int32)
+        key_mask = mask
+    else:
+        start = cache.index
+        key_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, start))
+    q_idx = start + jnp.arange(t)[:, None]  # [T, 1]
+    kv_idx = jnp.arange(key_mask.shape[1])[None, :]  # [1, S]
+    allowed = kv_idx <= q_idx
+    if sliding_window is not None:
+        allowed = allowed & (kv_idx > q_idx - sliding_window)
+    return allowed[None] & (key_mask[:, None, :] == 1), key_mask
