@@ -1,0 +1,30 @@
+"""Model and training checkpoints: Hugging Face directories, orbax, and conversion.
+
+- `load_pretrained` / `save_pretrained` / `load_tokenizer`: Hugging Face directories
+  (config.json + safetensors), placed straight onto a mesh when loading.
+- `TrainCheckpointer`: asynchronous, atomic, rotating orbax checkpoints of a training state,
+  restorable onto a different mesh; `save_model_orbax` / `load_model_orbax` for models.
+- `convert.convert` / `convert.main`: Hugging Face <-> orbax (the ``jaxunlearn convert``
+  command). The function is not re-exported here so that `checkpoints.convert` stays the
+  module.
+"""
+
+from jaxunlearn.checkpoints import convert
+from jaxunlearn.checkpoints.hf import load_pretrained, load_tokenizer, save_pretrained
+from jaxunlearn.checkpoints.orbax import (
+    TrainCheckpointer,
+    abstract_target,
+    load_model_orbax,
+    save_model_orbax,
+)
+
+__all__ = [
+    "TrainCheckpointer",
+    "abstract_target",
+    "convert",
+    "load_model_orbax",
+    "load_pretrained",
+    "load_tokenizer",
+    "save_model_orbax",
+    "save_pretrained",
+]
