@@ -62,4 +62,23 @@ from jaxunlearn.eval.report import (
     write_eval_logs,
 )
 
-__all__ = [*metrics.__all__, *mia.__all__, *report.__all__, "metrics", "mia", "report"]
+from jaxunlearn.eval.multiple_choice import evaluate_multiple_choice
+from jaxunlearn.eval.muse import evaluate_muse
+from jaxunlearn.eval.runner import EvalResult, TokenArrays, generate_answers, score_items
+from jaxunlearn.eval.tofu import evaluate_tofu
+
+__all__ = [
+    *metrics.__all__,
+    *mia.__all__,
+    *report.__all__,
+    "metrics",
+    "mia",
+    "report",
+    "EvalResult",
+    "TokenArrays",
+    "evaluate_multiple_choice",
+    "evaluate_muse",
+    "evaluate_tofu",
+    "generate_answers",
+    "score_items",
+]
