@@ -343,6 +343,8 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [register_unlearn]
 DELEGATES: dict[str, tuple[str, str]] = {
     "eval": ("jaxunlearn.eval.command:main", "evaluate a model on TOFU, MUSE or WMDP/MMLU"),
     "convert": ("jaxunlearn.checkpoints.convert:main", "convert between HF and orbax formats"),
+    "demo": ("jaxunlearn.pipeline:demo_main", "run the TOFU benchmark end to end (small preset)"),
+    "sweep": ("jaxunlearn.pipeline:sweep_main", "sweep one method's hyperparameters on TOFU"),
 }
 
 

@@ -45,6 +45,8 @@ from jaxunlearn.eval.mia import (
     reference_score,
     zlib_score,
 )
+from jaxunlearn.eval.multiple_choice import evaluate_multiple_choice
+from jaxunlearn.eval.muse import evaluate_muse
 from jaxunlearn.eval.report import (
     METADATA_KEY,
     atomic_write_text,
@@ -61,9 +63,6 @@ from jaxunlearn.eval.report import (
     truth_ratio_result,
     write_eval_logs,
 )
-
-from jaxunlearn.eval.multiple_choice import evaluate_multiple_choice
-from jaxunlearn.eval.muse import evaluate_muse
 from jaxunlearn.eval.runner import EvalResult, TokenArrays, generate_answers, score_items
 from jaxunlearn.eval.tofu import evaluate_tofu
 
