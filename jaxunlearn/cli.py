@@ -209,6 +209,11 @@ def run_unlearn(args: argparse.Namespace) -> int:
     from jaxunlearn import recipes, train
     from jaxunlearn.checkpoints import load_pretrained, load_tokenizer, save_pretrained
 
+    if getattr(args, "distributed", False):
+        # Must run before any other JAX call so every host sees the global device set.
+        from jaxunlearn import parallel
+
+        parallel.initialize_distributed()
     try:
         overrides = recipes.parse_overrides(args.method, args.set or [])
         recipe = recipes.recipe(args.method, **overrides)
@@ -309,6 +314,11 @@ def register_unlearn(subparsers: Any) -> None:
     p.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", help="device mesh, e.g. data=4,fsdp=2 (default: one device)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host GPU/TPU; run on every host)",
+    )
     p.add_argument(
         "--template",
         default="auto",
