@@ -21,6 +21,8 @@ from jaxunlearn.models.layers import (
     activation,
     check_hidden_layers,
     dot_product_attention,
+    linear_dot_general,
+    matmul,
     normal_init,
 )
 from jaxunlearn.models.outputs import CausalLMOutput, Head
@@ -34,6 +36,7 @@ def _conv1d(d_in, d_out, dtype, param_dtype, rngs):
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=normal_init(),
+        dot_general=linear_dot_general,
         rngs=rngs,
     )
 
@@ -168,7 +171,7 @@ class GPT2LMHeadModel(nnx.Module):
                 captured[i] = x
         hidden = self.ln_f(x)
         kernel = self.unembedding()
-        logits = hidden @ kernel if return_logits else None
+        logits = matmul(hidden, kernel) if return_logits else None
         new_cache = None
         if cache is not None:
             new_cache = kv_cache.KVCache(

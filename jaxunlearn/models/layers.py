@@ -1,4 +1,4 @@
-"""Building blocks shared by the model ports: norms, RoPE, activations, attention.
+"""Building blocks shared by the model ports: norms, RoPE, activations, matmuls, attention.
 
 Each block reproduces the numerics of its Hugging Face `transformers` counterpart
 (norm statistics and softmax in float32 whatever the compute dtype), so ports match
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Bool, Float, Int
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -130,6 +131,177 @@ def apply_rope(
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+# ---------------------------------------------------------------------------------------
+# Matmuls whose gradients XLA:CPU runs fast.
+#
+# Why the two custom JVPs below exist: XLA:CPU (jaxlib 0.10) hands a dot to its fast
+# YNNPACK kernels only when both operands are row-major with the contraction on the
+# LHS's minor and the RHS's major dimension. The weight gradient of `x @ w`, x^T @ g,
+# contracts over tokens, the *major* dimension of both x [N, d] and g [N, f]; left to
+# itself XLA then copies a large operand into a transposed layout, often recomputing the
+# elementwise ops that produced it (e.g. the SiLU gate) inside that strided copy. On the
+# issue-2 benchmark model these copies cost about a fifth of the train step. Writing the
+# tangent rules so that their transposes (what reverse mode runs) contract a small,
+# explicitly transposed operand keeps every large [tokens, features] and
+# [queries, keys] tensor in its natural layout. The primal computations are the plain
+# formulas (`matmul` is exactly `x @ w`), and gradients agree with plain autodiff to
+# float rounding. `jax.custom_jvp` (not `custom_vjp`) keeps forward mode (`jax.jvp`,
+# `jax.linearize`, Hessian-vector products) working.
+# ---------------------------------------------------------------------------------------
+
+
+def _materialised(x: jax.Array) -> jax.Array:
+    # On CPU the barrier stops XLA from folding the transpose back into the dot (which
+    # would re-create the strided layout avoided here); XLA then materialises it once.
+    # GPU/TPU matmul libraries take transposed operands natively, so there the transpose
+    # is left for XLA to fold, as in plain autodiff.
+    if jax.default_backend() == "cpu":
+        return jax.lax.optimization_barrier(x)
+    return x
+
+
+def _matmul_dims(ndim: int):
+    return (((ndim - 1,), (0,)), ((), ()))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+    return jax.lax.dot_general(x, w, _matmul_dims(x.ndim), precision=precision)
+
+
+@functools.partial(_matmul.defjvp, symbolic_zeros=True)
+def _matmul_jvp(precision, primals, tangents):
+    x, w = primals
+    x_dot, w_dot = tangents
+    y = _matmul(x, w, precision)
+    y_dot = None
+    if not isinstance(x_dot, SymbolicZero):
+        # Transposes to g @ w.T, which YNNPACK runs without a copy of g.
+        y_dot = jax.lax.dot_general(x_dot, w, _matmul_dims(x.ndim), precision=precision)
+    if not isinstance(w_dot, SymbolicZero):
+        # Written as (x^T)^T @ w_dot with x^T [d, N] materialised, so that its transpose,
+        # the weight gradient, is x^T @ g: a plain row-major matmul. x^T is shared by
+        # every projection of the same input (q/k/v, gate/up): XLA's CSE keeps one copy.
+        d = w.shape[0]
+        x_t = _materialised(x.reshape(-1, d).T)
+        term = jax.lax.dot_general(x_t, w_dot, (((0,), (0,)), ((), ())), precision=precision)
+        term = term.reshape(y.shape)
+        y_dot = term if y_dot is None else y_dot + term
+    return y, jnp.zeros_like(y) if y_dot is None else y_dot
+
+
+def matmul(
+    x: Float[Array, "... d"], w: Float[Array, "d f"], precision=None
+) -> Float[Array, "... f"]:
+    """`x @ w` (contracting x's last axis with w's first), with a CPU-friendly gradient.
+
+    Same value as `jax.lax.dot_general(x, w, ...)`; only the layout of the gradient
+    computation differs (see the comment above `_materialised`).
+
+    Args:
+      x: [..., d] activations.
+      w: [d, f] weight.
+      precision: `jax.lax.Precision` passed to every dot, or None for the default.
+
+    Returns:
+      [..., f] product in the operands' dtype.
+    """
+    return _matmul(x, w, precision)
+
+
+def linear_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+) -> jax.Array:
+    """Drop-in `dot_general` for `nnx.Linear(..., dot_general=linear_dot_general)`.
+
+    Routes the plain `inputs @ kernel` that `nnx.Linear` asks for through `matmul`;
+    anything else (a preferred element type, an explicit output sharding, other
+    dimension numbers) goes to `jax.lax.dot_general` unchanged.
+    """
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    if (
+        preferred_element_type is None
+        and out_sharding is None
+        and rhs.ndim == 2
+        and tuple(lhs_contract) == (lhs.ndim - 1,)
+        and tuple(rhs_contract) == (0,)
+        and not tuple(lhs_batch)
+        and not tuple(rhs_batch)
+    ):
+        return _matmul(lhs, rhs, precision)
+    kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
+    return jax.lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kwargs,
+    )
+
+
+def _to_kv_major(x: Float[Array, "b t h d"], kv: int) -> Float[Array, "b kv tg d"]:
+    # [B, T, H, D] -> [B, KV, T*G, D]: query head h = kv * G + g reads key/value head kv,
+    # as transformers' `repeat_kv` pairs them, and its (t, g) rows share one matmul.
+    b, t, h, d = x.shape
+    g = h // kv
+    return x.reshape(b, t, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, d)
+
+
+def _from_kv_major(x: Float[Array, "b kv tg d"], t: int) -> Float[Array, "b t h d"]:
+    b, kv, tg, d = x.shape
+    g = tg // t
+    return x.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, kv * g, d)
+
+
+def _attention_probs(q, k, mask, scale):
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    # Replace (not add to) disallowed scores, so a fully masked row is uniform, not NaN.
+    scores = jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _attention(q, k, v, mask, scale):
+    probs = _attention_probs(q, k, mask, scale)
+    return jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v)
+
+
+@functools.partial(_attention.defjvp, symbolic_zeros=True)
+def _attention_jvp(scale, primals, tangents):
+    # Tangents of softmax(mask(q k^T * scale)) v, written so that their transposes keep
+    # the [q, s] probabilities and score cotangents in their natural layout: the key and
+    # value gradients contract a small transposed [d, q] operand instead.
+    q, k, v, mask = primals
+    q_dot, k_dot, v_dot, _ = tangents
+    probs = _attention_probs(q, k, mask, scale)
+    probs_v = probs.astype(v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs_v, v)
+    f32 = dict(preferred_element_type=jnp.float32)
+    s_dot = None
+    if not isinstance(q_dot, SymbolicZero):
+        s_dot = jnp.einsum("bkqd,bksd->bkqs", q_dot, k, **f32)
+    if not isinstance(k_dot, SymbolicZero):
+        q_t = _materialised(q.swapaxes(-1, -2))  # [b, kv, d, q]
+        term = jnp.einsum("bkdq,bksd->bkqs", q_t, k_dot, **f32)
+        s_dot = term if s_dot is None else s_dot + term
+    out_dot = None
+    if s_dot is not None:
+        s_dot = jnp.where(mask, s_dot * scale, 0.0)
+        p_dot = probs * (s_dot - jnp.sum(probs * s_dot, axis=-1, keepdims=True))
+        out_dot = jnp.einsum("bkqs,bksd->bkqd", p_dot.astype(v.dtype), v)
+    if not isinstance(v_dot, SymbolicZero):
+        # (v_dot^T p^T)^T: its transpose is the value gradient (g^T p)^T with g^T small.
+        term = _materialised(jnp.einsum("bksd,bkqs->bkdq", v_dot, probs_v)).swapaxes(-1, -2)
+        out_dot = term if out_dot is None else out_dot + term
+    return out, jnp.zeros_like(out) if out_dot is None else out_dot
+
+
 def dot_product_attention(
     q: Float[Array, "b t h d"],
     k: Float[Array, "b s kv d"],
@@ -139,18 +311,35 @@ def dot_product_attention(
 ) -> Float[Array, "b t h d"]:
     """Grouped-query attention; scores and softmax in float32.
 
-    Query head h reads key/value head h // (H / KV), as transformers' `repeat_kv` does.
+    Query head h reads key/value head h // (H / KV), as transformers' `repeat_kv` does,
+    without materialising repeated keys/values: the G query heads of a key/value head
+    are stacked with the query positions into one [T*G, S] score matrix.
     Disallowed scores are *replaced* (not added to) by float32's most negative value, so a
     query row with no allowed key (a padding row) gets a uniform softmax, never NaN.
+
+    Args:
+      q: [B, T, H, D] queries (after RoPE).
+      k: [B, S, KV, D] keys.
+      v: [B, S, KV, D] values.
+      allowed: [B, T, S] True where query t may attend to key s.
+      scale: score multiplier (usually D ** -0.5).
+
+    Returns:
+      [B, T, H, D] attention outputs in the dtype of `v`.
+
+    References:
+      Vaswani et al., "Attention Is All You Need", 2017, arXiv:1706.03762. Grouped-query
+      attention: Ainslie et al., "GQA", 2023, arXiv:2305.13245.
     """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(allowed[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    b, t, h, _ = q.shape
+    kv, s = k.shape[2], k.shape[1]
+    g = h // kv
+    # [B, T, S] -> [B, 1, T*G, S], rows ordered like _to_kv_major's.
+    mask = jnp.broadcast_to(allowed[:, None, :, None, :], (b, 1, t, g, s)).reshape(b, 1, t * g, s)
+    out = _attention(
+        _to_kv_major(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale
+    )
+    return _from_kv_major(out, t)
 
 
 def check_hidden_layers(hidden_layers, num_layers: int) -> tuple[int, ...]:

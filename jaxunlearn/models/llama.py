@@ -25,6 +25,8 @@ from jaxunlearn.models.layers import (
     apply_rope,
     check_hidden_layers,
     dot_product_attention,
+    linear_dot_general,
+    matmul,
     normal_init,
     rope_cos_sin,
     rope_inv_freq,
@@ -42,6 +44,7 @@ def _linear(d_in, d_out, bias, dtype, param_dtype, rngs):
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=normal_init(),
+        dot_general=linear_dot_general,
         rngs=rngs,
     )
 
@@ -231,7 +234,7 @@ class LlamaForCausalLM(nnx.Module):
                 captured[i] = x
         hidden = self.norm(x)
         kernel = self.unembedding()
-        logits = hidden @ kernel if return_logits else None
+        logits = matmul(hidden, kernel) if return_logits else None
         new_cache = None
         if cache is not None:
             new_cache = kv_cache.KVCache(
