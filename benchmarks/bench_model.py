@@ -1,0 +1,242 @@
+"""Forward and train-step throughput of a Llama-style model: jaxunlearn vs transformers+torch.
+
+Both run in this one process on the same CPU, same config, same batch, so the printed
+ratios compare like with like. The two frameworks' repetitions are interleaved (JAX, torch,
+torch, JAX, ...) so that load from other processes on a shared machine hits both alike;
+medians are reported, and the best (minimum) times too, as a check on how noisy the run was.
+The dense-matmul throughput of both backends is measured in the same run and the train
+step's model FLOPs (6 * params * tokens) are reported as a fraction of it.
+
+    python benchmarks/bench_model.py            # the issue's size (about 2 minutes on 2 cores)
+    python benchmarks/bench_model.py --quick    # tiny smoke run
+    python benchmarks/bench_model.py --profile /tmp/trace   # also: per-op profile of the step
+
+XLA flags are left at their defaults; set `XLA_FLAGS` in the environment to try others
+(benchmarks/README.md lists the ones measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import platform
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxunlearn.models import ModelConfig, build_model
+
+
+def _interleaved_times(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, alternating the order every repetition."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_fns(n: int = 2048) -> dict:
+    """Dense float32 n x n matmuls in JAX and torch (2 n^3 FLOPs per call)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    f = jax.jit(lambda x, y: x @ y)
+    return {
+        "jax": lambda: f(ja, jb).block_until_ready(),
+        "torch": lambda: torch.mm(ta, tb),
+    }
+
+
+def hf_config(args):
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(2 * args.seq, 512),
+        tie_word_embeddings=False,
+    )
+
+
+def jax_fns(cfg_dict: dict, tokens: np.ndarray):
+    """(n_params, forward(), train_step()) for jaxunlearn: jax.jit over nnx.split/merge."""
+    cfg = ModelConfig.from_hf_dict(cfg_dict)
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    tx = optax.adamw(1e-4, weight_decay=0.01)
+    opt_state = tx.init(params)
+    ids = jnp.asarray(tokens)
+    mask = jnp.ones_like(ids)
+
+    def loss_fn(p):
+        logits = nnx.merge(graphdef, p, rest)(ids, attention_mask=mask).logits
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1].astype(jnp.float32), ids[:, 1:]
+        ).mean()
+
+    @jax.jit
+    def forward(p):
+        return nnx.merge(graphdef, p, rest)(ids, attention_mask=mask).logits
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    state = {"p": params, "s": opt_state}
+
+    def run_step():
+        state["p"], state["s"], loss = step(state["p"], state["s"])
+        loss.block_until_ready()
+
+    return n_params, (lambda: forward(params).block_until_ready()), run_step
+
+
+def torch_fns(hf_cfg, tokens: np.ndarray):
+    """(threads, forward(), train_step()) for transformers + torch.optim.AdamW."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_cfg).float()
+    ids = torch.from_numpy(tokens).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def fwd():
+        model.eval()
+        with torch.no_grad():
+            model(ids)
+
+    def step():
+        model.train()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return torch.get_num_threads(), fwd, step
+
+
+def profile_step(step, log_dir: str, n: int = 3, top: int = 25) -> None:
+    """Traces `n` train steps with jax.profiler and prints the ops that took longest.
+
+    Op times are summed over XLA:CPU's worker threads, so they can exceed wall time;
+    open the `.trace.json.gz` in https://ui.perfetto.dev for the timeline.
+    """
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(n):
+            step()
+    paths = []
+    for root, _, files in os.walk(log_dir):
+        paths += [os.path.join(root, f) for f in files if f.endswith(".trace.json.gz")]
+    with gzip.open(max(paths, key=os.path.getmtime)) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    by_op, by_kind = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e["name"]
+        # Keep XLA ops; drop runtime bookkeeping (executors, thread-pool waits, Python).
+        if name.startswith(("$", "end: ")) or re.search(
+            r"Thunk|Await|Pjit|Execut|Handle|Alloc|ParseArguments", name
+        ):
+            continue
+        by_op[name] += e["dur"] / n / 1e3
+        by_kind[re.sub(r"\.\d+$", "", name)] += e["dur"] / n / 1e3
+    total = sum(by_kind.values())
+    print(f"\nprofile: {total:.0f} ms of XLA op time per train step (trace in {log_dir})")
+    for name, ms in by_kind.most_common(12):
+        print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {name}")
+    print("  slowest single ops:")
+    for name, ms in by_op.most_common(top):
+        print(f"  {ms:8.1f} ms  {name}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1408)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--profile", metavar="DIR", help="trace 3 JAX train steps into DIR")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.vocab, args.hidden, args.intermediate, args.layers = 256, 64, 128, 2
+        args.heads, args.kv_heads, args.batch, args.seq, args.reps = 4, 2, 2, 32, 2
+
+    load_before = os.getloadavg()[0]
+    hf_cfg = hf_config(args)
+    tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq), np.int32)
+    tok = args.batch * args.seq
+    n_mm = 2048
+    mm = _interleaved_times(matmul_fns(n_mm), max(args.reps, 5))
+    n_params, j_fwd, j_step = jax_fns(hf_cfg.to_dict(), tokens)
+    threads, t_fwd, t_step = torch_fns(hf_cfg, tokens)
+    fwd = _interleaved_times({"jax": j_fwd, "torch": t_fwd}, args.reps)
+    step = _interleaved_times({"jax": j_step, "torch": t_step}, args.reps)
+    f_med = {k: statistics.median(v) for k, v in fwd.items()}
+    s_med = {k: statistics.median(v) for k, v in step.items()}
+    peak = {k: 2 * n_mm**3 / statistics.median(v) for k, v in mm.items()}
+    step_flops = 6 * n_params * tok
+    res = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"{jax.device_count()} {jax.default_backend()} device(s), torch threads {threads}",
+        "load_avg_1min_before_after": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
+        "params": n_params,
+        "tokens_per_step": tok,
+        "jax_forward_tok_s": tok / f_med["jax"],
+        "torch_forward_tok_s": tok / f_med["torch"],
+        "forward_ratio": f_med["torch"] / f_med["jax"],
+        "jax_train_tok_s": tok / s_med["jax"],
+        "torch_train_tok_s": tok / s_med["torch"],
+        "train_ratio": s_med["torch"] / s_med["jax"],
+        "train_ratio_best_times": min(step["torch"]) / min(step["jax"]),
+        "jax_matmul_gflops": peak["jax"] / 1e9,
+        "torch_matmul_gflops": peak["torch"] / 1e9,
+        "train_step_model_gflops": step_flops / s_med["jax"] / 1e9,
+        "train_step_fraction_of_matmul": step_flops / s_med["jax"] / peak["jax"],
+        "torch_train_step_model_gflops": step_flops / s_med["torch"] / 1e9,
+        "torch_train_step_fraction_of_torch_matmul": step_flops / s_med["torch"] / peak["torch"],
+        "reps": args.reps,
+    }
+    for k, v in res.items():
+        print(f"{k:42s} {v:.4g}" if isinstance(v, float) else f"{k:42s} {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    if args.profile:
+        profile_step(j_step, args.profile)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,506 @@
+"""Unlearning step throughput: jaxunlearn's jitted steps vs a plain transformers+torch loop.
+
+The foundation benchmark's Llama shape (vocab 4096, hidden 512, intermediate 1408, 6 layers,
+8 heads, 4 KV heads, float32, random weights). Every step takes a forget batch and a retain
+batch of B x T tokens each with answer-only labels (the second half of each row is scored,
+the first half is -100), and ends with an AdamW update. Timed, in this one process:
+
+- GradDiff: `objectives.grad_diff()` + `optax.adamw` in `train.make_step`, vs torch
+  `-model(**forget).loss + model(**retain).loss`, backward, `AdamW.step`.
+- NPO (beta 0.1) + NLL retain with reference log-probs precomputed once and carried in the
+  batch (`forget["ref_logprob"]`), vs torch with the same precomputed tensor.
+- NPO with a reference forward every step (frozen params passed to the jitted step), vs
+  torch running a frozen copy of the model under `no_grad` every step (open-unlearning).
+- GU: NPO with separate forget/retain gradients through
+  `optax.chain(transforms.retain_projection(rank=8, refresh_every=10), optax.adamw)`. Its
+  time is the mean step time over whole 10-step refresh cycles (so each cycle pays exactly
+  one basis refresh); also timed: the same split-gradient step without the projection.
+- SSD's diagonal Fisher over `--fisher-items` items (default 1,000 of `--fisher-seq` = 64
+  tokens, shorter than the step's rows to keep a CPU run to minutes; NLL on the second
+  half of each item): `transforms.fisher_diagonal` with the exact per-example convention
+  (vmap of per-example grads over `--fisher-chunk` examples at a time) and the SSD code's
+  batch-mean convention (batches of `--fisher-batch`), vs torch's SSD loop (per batch:
+  loss.backward(), accumulate grad ** 2). Each is one full call, compilation included
+  (the library compiles on every call); a one-batch call estimates that fixed cost and
+  the steady state (call minus fixed cost) is reported apart. With a non-default
+  `--fisher-chunk`, the library default is also timed on `--fisher-default-items` items.
+
+Step times are medians over `--reps` timed steps after warm-up (compile + one step). The
+load average of the machine is printed: on a shared box the absolute times are noisy, the
+ratios between neighbouring measurements less so.
+
+    python benchmarks/bench_unlearn.py --reps 3 --gu-cycles 1   # the issue's size
+    python benchmarks/bench_unlearn.py --quick                  # tiny smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxunlearn import objectives, train, transforms
+from jaxunlearn.models import ModelConfig, build_model
+
+LIBRARY_FISHER_CHUNK = 8  # transforms.fisher_diagonal's default chunk_size
+GU_CYCLE_NOTE = "mean step time over whole refresh cycles (one refresh per cycle)"
+# transformers / the donation path warn on every call on CPU; the warnings say nothing
+# about timing and would bury the table.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+
+def _median_time(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def hf_config(args):
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(2 * args.seq, 512),
+        tie_word_embeddings=False,
+    )
+
+
+def sequence_batch(rng: np.random.Generator, rows: int, seq: int, vocab: int) -> dict:
+    """input_ids / attention_mask / labels [rows, seq]; only the second half of a row is scored."""
+    ids = rng.integers(0, vocab, (rows, seq), dtype=np.int32)
+    labels = ids.copy()
+    labels[:, : seq // 2] = -100
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+
+
+def _add_retain() -> optax.GradientTransformationExtraArgs:
+    """forget_updates + retain_grads: the split-gradient step with no projection in it."""
+
+    def update(updates, state, params=None, *, retain_grads=None, **extra):
+        del params, extra
+        return jax.tree.map(jnp.add, updates, retain_grads), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+class JaxBench:
+    """The split model, its initial params and the unlearning batches, on JAX arrays."""
+
+    def __init__(self, hf_cfg, forget: dict, retain: dict, args):
+        cfg = ModelConfig.from_hf_dict(hf_cfg.to_dict())
+        model = build_model(cfg, rngs=nnx.Rngs(0))
+        self.graphdef, self.params0, self.rest = train.split_model(model)
+        self.n_params = sum(x.size for x in jax.tree.leaves(self.params0))
+        self.args = args
+        to_jax = lambda b: {k: jnp.asarray(v) for k, v in b.items()}  # noqa: E731
+        self.forget, self.retain = to_jax(forget), to_jax(retain)
+        self.tx = lambda: optax.adamw(args.lr, weight_decay=0.01)
+
+        ref_fn = jax.jit(
+            lambda p, b: objectives.reference_logprob(
+                train.model_forward(self.graphdef, p, self.rest), b
+            )
+        )
+        ref_fn(self.params0, self.forget).block_until_ready()  # compile
+        t0 = time.perf_counter()
+        self.ref_logprob = ref_fn(self.params0, self.forget).block_until_ready()
+        self.ref_precompute_s = time.perf_counter() - t0
+
+    def params(self):
+        """A fresh copy of the initial params (the step donates what it is given)."""
+        return jax.tree.map(jnp.copy, self.params0)
+
+    def batch(self, *, precomputed: bool) -> dict:
+        forget = dict(self.forget)
+        if precomputed:
+            forget["ref_logprob"] = self.ref_logprob
+        return {"forget": forget, "retain": self.retain}
+
+    def stepper(self, objective, tx, batch, **kwargs):
+        """A closure running one step of `train.make_step` and waiting for it."""
+        step = train.make_step(self.graphdef, self.rest, objective, tx, **kwargs)
+        params = self.params()
+        state = {"p": params, "s": step.init(params), "o": train.init_objective_state(objective)}
+
+        def run():
+            state["p"], state["s"], state["o"], metrics = step(
+                state["p"], state["s"], batch, state["o"]
+            )
+            metrics["loss"].block_until_ready()
+
+        return run, state
+
+    def time_step(self, objective, tx, batch, **kwargs) -> float:
+        run, _ = self.stepper(objective, tx, batch, **kwargs)
+        return _median_time(run, self.args.reps)
+
+    def time_gu(self, objective, batch) -> dict:
+        """GU step times over whole refresh cycles; also the refresh step alone."""
+        every = self.args.gu_refresh
+        tx = optax.chain(
+            transforms.retain_projection(rank=self.args.gu_rank, refresh_every=every),
+            self.tx(),
+        )
+        run, state = self.stepper(objective, tx, batch, needs_split_grads=True)
+        for _ in range(2):  # compile (on a refresh step) and one more
+            run()
+        cycle_means, refresh, other = [], [], []
+        for _ in range(self.args.gu_cycles):
+            times = []
+            for _ in range(every):
+                count = int(state["s"][0].count)
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+                (refresh if count % every == 0 else other).append(times[-1])
+            cycle_means.append(sum(times) / every)
+        return {
+            "cycle_mean": statistics.median(cycle_means),
+            "refresh_step": statistics.median(refresh),
+            "other_steps": statistics.median(other) if other else float("nan"),
+        }
+
+    def loss_fn(self):
+        term = objectives.nll()
+
+        def loss(p, batch):
+            return term(train.model_forward(self.graphdef, p, self.rest), batch)[0]
+
+        return loss
+
+    def time_fisher(self, batches: list[dict], convention: str, chunk: int = 8) -> dict:
+        """One full `fisher_diagonal` call, and a one-batch call for its fixed cost."""
+        loss = self.loss_fn()
+        kw = {"convention": convention}
+        if convention == "per_example":
+            kw["chunk_size"] = chunk
+
+        def call(bs):
+            out = transforms.fisher_diagonal(loss, self.params0, bs, **kw)
+            jax.block_until_ready(out)
+
+        t0 = time.perf_counter()
+        call(batches[:1])
+        one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        call(batches)
+        full = time.perf_counter() - t0
+        n = len(batches)
+        per_batch = (full - one) / (n - 1) if n > 1 else full
+        # Compile-time jitter can exceed a short run's batches: no estimate then.
+        steady = per_batch * n if per_batch > 0 else float("nan")
+        return {"call_s": full, "one_batch_call_s": one, "steady_s": steady}
+
+
+# ----------------------------------------------------------------------------- torch
+
+
+class TorchBench:
+    """The same steps as a plain transformers + torch training loop."""
+
+    def __init__(self, hf_cfg, forget: dict, retain: dict, args):
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        self.torch = torch
+        self.args = args
+        self.model0 = transformers.LlamaForCausalLM(hf_cfg).float()
+        to_t = lambda b: {k: torch.from_numpy(v).long() for k, v in b.items()}  # noqa: E731
+        self.forget, self.retain = to_t(forget), to_t(retain)
+        ref = copy.deepcopy(self.model0).eval()
+        with torch.no_grad():
+            self.ref_logprob = self.sequence_logprob(ref, self.forget)
+        self.threads = torch.get_num_threads()
+
+    def sequence_logprob(self, model, batch):
+        """Sum of answer-token log-probs per row (open-unlearning's compute_batch_nll)."""
+        f = self.torch.nn.functional
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shifted = logits[:, :-1].transpose(1, 2)  # [B, V, T-1] for cross_entropy
+        nll = f.cross_entropy(shifted, batch["labels"][:, 1:], ignore_index=-100, reduction="none")
+        return -nll.sum(-1)
+
+    def fresh(self):
+        model = copy.deepcopy(self.model0).train()
+        opt = self.torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=0.01)
+        return model, opt
+
+    def time_graddiff(self) -> float:
+        model, opt = self.fresh()
+
+        def step():
+            forget_loss = -model(**self.forget).loss
+            retain_loss = model(**self.retain).loss
+            (forget_loss + retain_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return _median_time(step, self.args.reps)
+
+    def time_npo(self, *, ref_forward: bool) -> float:
+        f, beta = self.torch.nn.functional, self.args.beta
+        model, opt = self.fresh()
+        ref = copy.deepcopy(self.model0).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+
+        def step():
+            if ref_forward:
+                with self.torch.no_grad():
+                    ref_lp = self.sequence_logprob(ref, self.forget)
+            else:
+                ref_lp = self.ref_logprob
+            log_ratio = self.sequence_logprob(model, self.forget) - ref_lp
+            forget_loss = (2.0 / beta) * f.softplus(beta * log_ratio).mean()
+            retain_loss = model(**self.retain).loss
+            (forget_loss + retain_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return _median_time(step, self.args.reps)
+
+    def time_fisher(self, batches: list[dict]) -> float:
+        """SSD's reference loop: mean over batches of the squared batch-mean gradient."""
+        torch = self.torch
+        model = copy.deepcopy(self.model0).eval()
+        t_batches = [{k: torch.from_numpy(v).long() for k, v in b.items()} for b in batches]
+        t0 = time.perf_counter()
+        imp = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        for b in t_batches:
+            model.zero_grad(set_to_none=True)
+            model(**b).loss.backward()
+            for n, p in model.named_parameters():
+                imp[n] += p.grad.detach() ** 2
+        for v in imp.values():
+            v /= len(t_batches)
+        return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _check(value: float, target: float, larger_is_better: bool) -> str:
+    ok = value >= target if larger_is_better else value <= target
+    return f"{'met' if ok else 'MISSED'} ({'>=' if larger_is_better else '<='} {target:g})"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1408)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument(
+        "--batch", type=int, default=8, help="rows of the forget and of the retain batch"
+    )
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--reps", type=int, default=5, help="timed steps per measurement (median)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--beta", type=float, default=0.1, help="NPO beta")
+    p.add_argument("--gu-rank", type=int, default=8)
+    p.add_argument("--gu-refresh", type=int, default=10)
+    p.add_argument("--gu-cycles", type=int, default=2, help="timed refresh cycles (median)")
+    p.add_argument("--fisher-items", type=int, default=1000)
+    p.add_argument(
+        "--fisher-seq",
+        type=int,
+        default=64,
+        help="Fisher item length (shorter than --seq: CPU time)",
+    )
+    p.add_argument("--fisher-batch", type=int, default=8, help="batch-mean convention's batch size")
+    p.add_argument(
+        "--fisher-chunk",
+        type=int,
+        default=LIBRARY_FISHER_CHUNK,
+        help="per_example chunk_size (examples whose grads are held at once)",
+    )
+    p.add_argument(
+        "--fisher-default-items",
+        type=int,
+        default=16,
+        help="with a non-default --fisher-chunk, also time the default chunk on this many items",
+    )
+    p.add_argument("--no-fisher", action="store_true", help="skip the Fisher section")
+    p.add_argument("--no-torch-fisher", action="store_true", help="skip torch's Fisher loop")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.vocab, args.hidden, args.intermediate, args.layers = 256, 64, 128, 2
+        args.heads, args.kv_heads, args.batch, args.seq, args.reps = 4, 2, 2, 32, 2
+        args.gu_cycles, args.fisher_items, args.fisher_batch = 1, 16, 4
+        args.fisher_seq, args.fisher_default_items = args.seq, 8
+
+    load_start = os.getloadavg()
+    t_start = time.perf_counter()
+    hf_cfg = hf_config(args)
+    rng = np.random.default_rng(0)
+    forget = sequence_batch(rng, args.batch, args.seq, args.vocab)
+    retain = sequence_batch(rng, args.batch, args.seq, args.vocab)
+
+    jb = JaxBench(hf_cfg, forget, retain, args)
+    tb = TorchBench(hf_cfg, forget, retain, args)
+    npo = objectives.forget_retain(objectives.npo(beta=args.beta), objectives.nll())
+    pre, ref_batch = jb.batch(precomputed=True), jb.batch(precomputed=False)
+
+    # Each JAX measurement is followed by its torch counterpart, so both see similar load.
+    r: dict = {}
+    r["jax_graddiff_s"] = jb.time_step(objectives.grad_diff(), jb.tx(), pre)
+    r["torch_graddiff_s"] = tb.time_graddiff()
+    r["jax_npo_precomputed_s"] = jb.time_step(npo, jb.tx(), pre)
+    r["torch_npo_precomputed_s"] = tb.time_npo(ref_forward=False)
+    r["jax_npo_ref_forward_s"] = jb.time_step(npo, jb.tx(), ref_batch, ref_params=jb.params())
+    r["torch_npo_ref_forward_s"] = tb.time_npo(ref_forward=True)
+    r["jax_npo_split_grads_s"] = jb.time_step(
+        npo, optax.chain(_add_retain(), jb.tx()), pre, needs_split_grads=True
+    )
+    gu = jb.time_gu(npo, pre)
+    r["jax_gu_cycle_mean_s"] = gu["cycle_mean"]
+    r["jax_gu_refresh_step_s"] = gu["refresh_step"]
+    r["jax_gu_other_steps_s"] = gu["other_steps"]
+    r["jax_npo_precomputed_again_s"] = jb.time_step(npo, jb.tx(), pre)
+
+    if not args.no_fisher:
+        n_batches = -(-args.fisher_items // args.fisher_batch)
+        frng = np.random.default_rng(1)
+        batches = [
+            sequence_batch(frng, args.fisher_batch, args.fisher_seq, args.vocab)
+            for _ in range(n_batches)
+        ]
+        extra = args.fisher_batch * n_batches - args.fisher_items
+        if extra:  # trim the last batch so the item count is exact
+            batches[-1] = {k: v[: args.fisher_batch - extra] for k, v in batches[-1].items()}
+        pe = jb.time_fisher(batches, "per_example", args.fisher_chunk)
+        bm = jb.time_fisher(batches, "batch_mean")
+        for name, res in (("per_example", pe), ("batch_mean", bm)):
+            r[f"jax_fisher_{name}_call_s"] = res["call_s"]
+            r[f"jax_fisher_{name}_one_batch_call_s"] = res["one_batch_call_s"]
+            r[f"jax_fisher_{name}_steady_s"] = res["steady_s"]
+        if args.fisher_chunk != LIBRARY_FISHER_CHUNK and args.fisher_default_items > 0:
+            # The library default on a few items, to show what --fisher-chunk changed.
+            few = batches[: -(-args.fisher_default_items // args.fisher_batch)]
+            n_few = sum(len(b["input_ids"]) for b in few)
+            res = jb.time_fisher(few, "per_example", LIBRARY_FISHER_CHUNK)
+            r["jax_fisher_per_example_default_chunk_per_item_s"] = res["steady_s"] / n_few
+            r["jax_fisher_per_example_per_item_s"] = pe["steady_s"] / args.fisher_items
+        if not args.no_torch_fisher:
+            r["torch_fisher_batch_mean_s"] = tb.time_fisher(batches)
+
+    # Ratios the issue's targets refer to. The NPO baseline for GU is the mean of the two
+    # NPO measurements taken before and after it, to damp drift in the machine's load.
+    npo_base = (r["jax_npo_precomputed_s"] + r["jax_npo_precomputed_again_s"]) / 2
+    ratios = {
+        "graddiff_speedup_vs_torch": r["torch_graddiff_s"] / r["jax_graddiff_s"],
+        "npo_precomputed_over_graddiff": r["jax_npo_precomputed_s"] / r["jax_graddiff_s"],
+        "npo_ref_forward_over_graddiff": r["jax_npo_ref_forward_s"] / r["jax_graddiff_s"],
+        "torch_npo_ref_forward_over_torch_graddiff": r["torch_npo_ref_forward_s"]
+        / r["torch_graddiff_s"],
+        "torch_npo_precomputed_over_torch_graddiff": r["torch_npo_precomputed_s"]
+        / r["torch_graddiff_s"],
+        "npo_precomputed_speedup_vs_torch": r["torch_npo_precomputed_s"]
+        / r["jax_npo_precomputed_s"],
+        "npo_ref_forward_speedup_vs_torch": r["torch_npo_ref_forward_s"]
+        / r["jax_npo_ref_forward_s"],
+        "gu_over_npo": r["jax_gu_cycle_mean_s"] / npo_base,
+        "gu_over_npo_split_grads": r["jax_gu_cycle_mean_s"] / r["jax_npo_split_grads_s"],
+        "npo_split_grads_over_npo": r["jax_npo_split_grads_s"] / npo_base,
+    }
+    if not args.no_fisher:
+        ratios["fisher_per_example_over_batch_mean"] = (
+            r["jax_fisher_per_example_call_s"] / r["jax_fisher_batch_mean_call_s"]
+        )
+        ratios["fisher_per_example_over_batch_mean_steady"] = (
+            r["jax_fisher_per_example_steady_s"] / r["jax_fisher_batch_mean_steady_s"]
+        )
+        if "jax_fisher_per_example_default_chunk_per_item_s" in r:
+            ratios["fisher_default_chunk_over_chosen_chunk_steady"] = (
+                r["jax_fisher_per_example_default_chunk_per_item_s"]
+                / r["jax_fisher_per_example_per_item_s"]
+            )
+        if "torch_fisher_batch_mean_s" in r:
+            ratios["fisher_batch_mean_speedup_vs_torch"] = (
+                r["torch_fisher_batch_mean_s"] / r["jax_fisher_batch_mean_call_s"]
+            )
+            ratios["fisher_per_example_speedup_vs_torch_batch_mean"] = (
+                r["torch_fisher_batch_mean_s"] / r["jax_fisher_per_example_call_s"]
+            )
+    targets = {
+        "graddiff_speedup_vs_torch": _check(ratios["graddiff_speedup_vs_torch"], 1.5, True),
+        "npo_precomputed_over_graddiff": _check(
+            ratios["npo_precomputed_over_graddiff"], 1.1, False
+        ),
+        "gu_over_npo": _check(ratios["gu_over_npo"], 1.3, False),
+    }
+    if not args.no_fisher:
+        targets["fisher_per_example_over_batch_mean"] = _check(
+            ratios["fisher_per_example_over_batch_mean"], 2.0, False
+        )
+
+    info = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{jax.device_count()} {jax.default_backend()} device(s), torch threads {tb.threads}",
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "params": jb.n_params,
+        "shape": f"vocab {args.vocab}, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"{args.layers} layers, {args.heads} heads, {args.kv_heads} kv heads, float32",
+        "step_batch": f"forget {args.batch}x{args.seq} + retain {args.batch}x{args.seq} tokens, "
+        "second half of each row scored",
+        "reps": args.reps,
+        "gu": f"rank {args.gu_rank}, refresh every {args.gu_refresh}, {args.gu_cycles} cycle(s); "
+        + GU_CYCLE_NOTE,
+        "jax_ref_logprob_precompute_s": jb.ref_precompute_s,
+        "total_wall_s": time.perf_counter() - t_start,
+    }
+    if not args.no_fisher:
+        info["fisher"] = (
+            f"{args.fisher_items} items x {args.fisher_seq} tokens (second half scored), "
+            f"batch-mean batch {args.fisher_batch}, per-example chunk_size {args.fisher_chunk}; "
+            "one call each, compile included"
+            + ("" if args.fisher_seq == args.seq else f" (SHORTER than the step's {args.seq})")
+        )
+
+    for k, v in info.items():
+        print(f"{k:44s} {v}")
+    print("-- times (s)")
+    for k, v in r.items():
+        print(f"{k:44s} {v:.4g}")
+    print("-- ratios")
+    for k, v in ratios.items():
+        print(f"{k:44s} {v:.3f}  {targets.get(k, '')}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"info": info, "times_s": r, "ratios": ratios, "targets": targets}, f, indent=2
+            )
+
+
+if __name__ == "__main__":
+    main()
