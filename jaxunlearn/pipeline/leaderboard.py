@@ -209,6 +209,7 @@ def load_leaderboard(path: str | os.PathLike) -> list[LeaderboardRow]:
     return [LeaderboardRow(**row) for row in record["rows"]]
 
 
+_LABEL_OFFSETS = ((5, 4), (5, -10), (-12, 8), (-12, -14))
 # Floor for plotting p-values of 0 (KS p-values underflow for very different samples).
 _FQ_FLOOR = 1e-300
 
@@ -246,12 +247,14 @@ def plot_tradeoff(
             and r.metrics.get("model_utility") is not None
         ]
         lowest = min((max(r.metrics["forget_quality"], _FQ_FLOOR) for r in points), default=1.0)
-        for row in points:
+        for index, row in enumerate(points):
             fq = max(row.metrics["forget_quality"], _FQ_FLOOR)
             mu = row.metrics["model_utility"]
             label = row.kind if row.kind != "unlearned" else None
             ax.scatter([mu], [fq], label=label, **styles.get(row.kind, styles["unlearned"]))
-            ax.annotate(row.label, (mu, fq), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            # Alternate label offsets so methods at the same point stay readable.
+            offset = _LABEL_OFFSETS[index % len(_LABEL_OFFSETS)]
+            ax.annotate(row.label, (mu, fq), textcoords="offset points", xytext=offset, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylim(max(_FQ_FLOOR, lowest * 1e-1), 3.0)
         ax.axhline(1.0, color="tab:green", lw=0.6, ls="--")

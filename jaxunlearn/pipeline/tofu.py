@@ -431,7 +431,7 @@ class MethodRun:
 
 def method_hyperparameters(preset: TofuPreset, run: MethodRun) -> dict[str, Any]:
     """The recipe overrides of a run: the preset's learning rate (for methods that take one),
-    then the preset's per-method overrides, then the run's own."""
+    then the preset's per-method overrides, then the run's own (budget keys excluded)."""
     from jaxunlearn import recipes
 
     defaults = recipes.defaults(run.method)
@@ -440,7 +440,20 @@ def method_hyperparameters(preset: TofuPreset, run: MethodRun) -> dict[str, Any]
         overrides["learning_rate"] = preset.unlearn.learning_rate
     overrides.update(preset.unlearn.method_overrides(run.method))
     overrides.update(run.overrides)
-    return overrides
+    return {k: v for k, v in overrides.items() if k not in BUDGET_KEYS}
+
+
+# Keys of a preset's per-method overrides that set the run's budget, not the recipe.
+BUDGET_KEYS = ("epochs", "batch_size")
+
+
+def method_budget(preset: TofuPreset, run: MethodRun) -> tuple[int, int]:
+    """(epochs, batch size) of a run: the run's own, else the preset's for this method, else
+    the preset's default."""
+    per_method = preset.unlearn.method_overrides(run.method)
+    epochs = run.epochs or per_method.get("epochs") or preset.unlearn.epochs
+    batch_size = run.batch_size or per_method.get("batch_size") or preset.unlearn.batch_size
+    return int(epochs), int(batch_size)
 
 
 def _round_up(n: int, multiple: int = 16) -> int:
@@ -503,7 +516,7 @@ def unlearn_method(
 
     overrides = method_hyperparameters(preset, run)
     recipe = recipes.recipe(run.method, **overrides)
-    batch_size = run.batch_size or preset.unlearn.batch_size
+    epochs, batch_size = method_budget(preset, run)
     items = _unlearn_data(tokenizer, data, split, preset, refusals=recipe.needs_alternate)
     hyper = {k: v for k, v in recipe.hyperparameters.items()}
     if recipe.kind == "one_shot":
@@ -517,7 +530,6 @@ def unlearn_method(
         pad_id=items.pad_id,
         buckets=(items.bucket,),
     )
-    epochs = run.epochs or preset.unlearn.epochs
     steps = epochs * math.ceil(len(data.forget[split]) / batch_size)
     result = train.unlearn(
         target,
