@@ -2,8 +2,10 @@
 
 Both run in this one process on the same CPU, same config, same batch, so the printed
 ratios compare like with like. The two frameworks' repetitions are interleaved (JAX, torch,
-torch, JAX, ...) so that load from other processes on a shared machine hits both alike;
-medians are reported, and the best (minimum) times too, as a check on how noisy the run was.
+torch, JAX, ...), and on Linux a round is timed only while other processes leave the CPUs
+idle (`--gate`; a disturbed round is repeated), because their load slows torch's OpenMP
+workers far more than XLA's and so skews the ratio (benchmarks/README.md). Medians are
+reported, and the ratio of the best (minimum) times as a check on noise.
 The dense-matmul throughput of both backends is measured in the same run and the train
 step's model FLOPs (6 * params * tokens) are reported as a fraction of it.
 
@@ -36,23 +38,81 @@ from flax import nnx
 from jaxunlearn.models import ModelConfig, build_model
 
 
-def _interleaved_times(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, alternating the order every repetition."""
+class _OtherCpu:
+    """CPU used by *other* processes, as a fraction of all cores (Linux /proc/stat).
+
+    Busy ticks of the whole machine minus this process's own CPU time, over a window.
+    """
+
+    def __init__(self):
+        self.available = os.path.exists("/proc/stat")
+        self._hz = os.sysconf("SC_CLK_TCK") if self.available else 1
+
+    def _busy_s(self) -> float:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return (sum(ticks) - ticks[3] - ticks[4]) / self._hz  # all but idle and iowait
+
+    def measure(self, fn) -> float:
+        """Runs fn() and returns the other processes' mean CPU share meanwhile (nan if unknown)."""
+        if not self.available:
+            fn()
+            return float("nan")
+        b0, c0, w0 = self._busy_s(), time.process_time(), time.perf_counter()
+        fn()
+        b1, c1, w1 = self._busy_s(), time.process_time(), time.perf_counter()
+        if w1 - w0 < 0.25:  # /proc/stat counts 10 ms ticks: too coarse for short windows
+            return float("nan")
+        return max(0.0, (b1 - b0) - (c1 - c0)) / os.cpu_count() / (w1 - w0)
+
+
+def _interleaved_times(
+    fns: dict, reps: int, *, gate: float | None, deadline: float, warmup: int = 1
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds per call of each function, alternating the order every round.
+
+    With `gate`, a round starts only once other processes use less than that share of the
+    CPUs, and a round during which they used more is discarded and repeated, until
+    `deadline` (time.monotonic()); after it, rounds are kept whatever the load.
+
+    Returns:
+      (times per function name, other processes' CPU share during each kept round).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    other = _OtherCpu()
+    gate = gate if other.available else None
     times = {name: [] for name in fns}
+    others = []
     names = list(fns)
-    for rep in range(reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
+    while len(others) < reps:
+        order = names if len(others) % 2 == 0 else names[::-1]
+        if gate is not None:
+            while time.monotonic() < deadline and other.measure(lambda: time.sleep(0.5)) > gate:
+                pass
+        round_times = {}
+
+        def run_round(order=order, round_times=round_times):
+            for name in order:
+                t0 = time.perf_counter()
+                fns[name]()
+                round_times[name] = time.perf_counter() - t0
+
+        share = other.measure(run_round)
+        if gate is not None and share > gate and time.monotonic() < deadline:  # nan passes
+            continue  # disturbed: repeat the round
+        for name, t in round_times.items():
+            times[name].append(t)
+        others.append(share)
+    return times, others
 
 
-def matmul_fns(n: int = 2048) -> dict:
-    """Dense float32 n x n matmuls in JAX and torch (2 n^3 FLOPs per call)."""
+def matmul_fns(n: int = 2048, k: int = 3) -> dict:
+    """Functions doing `k` dense float32 n x n matmuls (2 k n^3 FLOPs) in JAX and torch.
+
+    k > 1 makes a call long enough for the load check of `_interleaved_times`.
+    """
     import torch
 
     rng = np.random.default_rng(0)
@@ -60,10 +120,16 @@ def matmul_fns(n: int = 2048) -> dict:
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     f = jax.jit(lambda x, y: x @ y)
-    return {
-        "jax": lambda: f(ja, jb).block_until_ready(),
-        "torch": lambda: torch.mm(ta, tb),
-    }
+
+    def jax_mm():
+        for _ in range(k):
+            f(ja, jb).block_until_ready()
+
+    def torch_mm():
+        for _ in range(k):
+            torch.mm(ta, tb)
+
+    return {"jax": jax_mm, "torch": torch_mm}
 
 
 def hf_config(args):
@@ -189,6 +255,19 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--profile", metavar="DIR", help="trace 3 JAX train steps into DIR")
+    p.add_argument(
+        "--gate",
+        type=float,
+        default=0.05,
+        help="time only while other processes use less than this share of the CPUs "
+        "(Linux; 0 disables). On a shared machine their load skews the ratio (README.md)",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=900.0,
+        help="seconds to wait in total for quiet; afterwards time whatever the load",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.vocab, args.hidden, args.intermediate, args.layers = 256, 64, 128, 2
@@ -198,20 +277,36 @@ def main(argv=None):
     hf_cfg = hf_config(args)
     tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq), np.int32)
     tok = args.batch * args.seq
-    n_mm = 2048
-    mm = _interleaved_times(matmul_fns(n_mm), max(args.reps, 5))
+    n_mm, k_mm = 2048, 3
+    gate = None if args.gate <= 0 else args.gate
+    deadline = time.monotonic() + args.max_wait
+    mm, _ = _interleaved_times(
+        matmul_fns(n_mm, k_mm), max(args.reps, 5), gate=gate, deadline=deadline
+    )
     n_params, j_fwd, j_step = jax_fns(hf_cfg.to_dict(), tokens)
     threads, t_fwd, t_step = torch_fns(hf_cfg, tokens)
-    fwd = _interleaved_times({"jax": j_fwd, "torch": t_fwd}, args.reps)
-    step = _interleaved_times({"jax": j_step, "torch": t_step}, args.reps)
+    fwd, fwd_others = _interleaved_times(
+        {"jax": j_fwd, "torch": t_fwd}, args.reps, gate=gate, deadline=deadline
+    )
+    step, step_others = _interleaved_times(
+        {"jax": j_step, "torch": t_step}, args.reps, gate=gate, deadline=deadline
+    )
     f_med = {k: statistics.median(v) for k, v in fwd.items()}
     s_med = {k: statistics.median(v) for k, v in step.items()}
-    peak = {k: 2 * n_mm**3 / statistics.median(v) for k, v in mm.items()}
+    peak = {k: 2 * k_mm * n_mm**3 / statistics.median(v) for k, v in mm.items()}
     step_flops = 6 * n_params * tok
     res = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
         f"{jax.device_count()} {jax.default_backend()} device(s), torch threads {threads}",
         "load_avg_1min_before_after": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
+        # Share of all CPUs that other processes used while the kept repetitions ran.
+        "other_processes_cpu_max": max(
+            (x for x in fwd_others + step_others if x == x), default=0.0
+        ),
+        "quiet_gate": "off"
+        if gate is None
+        else f"{gate:.2f}"
+        + (" (deadline passed: some reps ran under load)" if time.monotonic() > deadline else ""),
         "params": n_params,
         "tokens_per_step": tok,
         "jax_forward_tok_s": tok / f_med["jax"],

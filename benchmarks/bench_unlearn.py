@@ -29,7 +29,9 @@ Step times are medians over `--reps` timed steps after warm-up (compile + one st
 load average of the machine is printed: on a shared box the absolute times are noisy, the
 ratios between neighbouring measurements less so.
 
-    python benchmarks/bench_unlearn.py --reps 3 --gu-cycles 1   # the issue's size
+    python benchmarks/bench_unlearn.py --reps 3 --gu-cycles 1 --fisher-chunk 1   # full size
+    # (--fisher-chunk 1: fisher_diagonal's default chunk_size 8 runs ~20x slower per item on
+    # XLA CPU at this size; the run still times the default on --fisher-default-items items.)
     python benchmarks/bench_unlearn.py --quick                  # tiny smoke run
 """
 
