@@ -106,3 +106,16 @@ def attention_mask_bts(
     if sliding_window is not None:
         allowed = allowed & (kv_idx > q_idx - sliding_window)
     return allowed[None] & (key_mask[:, None, :] == 1), key_mask
+
+
+def advance(
+    cache: KVCache | None,
+    keys: list[jax.Array],
+    values: list[jax.Array],
+    key_mask: jax.Array,
+    new_tokens: int,
+) -> KVCache | None:
+    """The cache after a forward pass wrote `new_tokens` positions (None without a cache)."""
+    if cache is None:
+        return None
+    return KVCache(tuple(keys), tuple(values), key_mask, cache.index + new_tokens)

@@ -172,11 +172,7 @@ class GPT2LMHeadModel(nnx.Module):
         hidden = self.ln_f(x)
         kernel = self.unembedding()
         logits = matmul(hidden, kernel) if return_logits else None
-        new_cache = None
-        if cache is not None:
-            new_cache = kv_cache.KVCache(
-                tuple(new_keys), tuple(new_values), key_mask, cache.index + t
-            )
+        new_cache = kv_cache.advance(cache, new_keys, new_values, key_mask, t)
         return CausalLMOutput(logits, Head(hidden, kernel), captured, new_cache)
 
 

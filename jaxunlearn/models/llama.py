@@ -235,11 +235,7 @@ class LlamaForCausalLM(nnx.Module):
         hidden = self.norm(x)
         kernel = self.unembedding()
         logits = matmul(hidden, kernel) if return_logits else None
-        new_cache = None
-        if cache is not None:
-            new_cache = kv_cache.KVCache(
-                tuple(new_keys), tuple(new_values), key_mask, cache.index + t
-            )
+        new_cache = kv_cache.advance(cache, new_keys, new_values, key_mask, t)
         return CausalLMOutput(logits, Head(hidden, kernel), captured, new_cache)
 
 
