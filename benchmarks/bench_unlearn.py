@@ -50,6 +50,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+# Same model definition as the foundation benchmark, so the two tables compare directly.
+from bench_model import hf_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from flax import nnx
 
 from jaxunlearn import objectives, train, transforms
@@ -71,21 +74,6 @@ def _median_time(fn, reps: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def hf_config(args):
-    import transformers
-
-    return transformers.LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2 * args.seq, 512),
-        tie_word_embeddings=False,
-    )
 
 
 def sequence_batch(rng: np.random.Generator, rows: int, seq: int, vocab: int) -> dict:
