@@ -20,18 +20,15 @@ the first half is -100), and ends with an AdamW update. Timed, in this one proce
   half of each item): `transforms.fisher_diagonal` with the exact per-example convention
   (vmap of per-example grads over `--fisher-chunk` examples at a time) and the SSD code's
   batch-mean convention (batches of `--fisher-batch`), vs torch's SSD loop (per batch:
-  loss.backward(), accumulate grad ** 2). Each is one full call, compilation included
-  (the library compiles on every call); a one-batch call estimates that fixed cost and
-  the steady state (call minus fixed cost) is reported apart. With a non-default
-  `--fisher-chunk`, the library default is also timed on `--fisher-default-items` items.
+  loss.backward(), accumulate grad ** 2). A one-batch call first compiles (the library
+  compiles once per loss function and batch shape, and that time is reported apart);
+  then the full call over all items is timed.
 
 Step times are medians over `--reps` timed steps after warm-up (compile + one step). The
 load average of the machine is printed: on a shared box the absolute times are noisy, the
 ratios between neighbouring measurements less so.
 
-    python benchmarks/bench_unlearn.py --reps 3 --gu-cycles 1 --fisher-chunk 1   # full size
-    # (--fisher-chunk 1: fisher_diagonal's default chunk_size 8 runs ~20x slower per item on
-    # XLA CPU at this size; the run still times the default on --fisher-default-items items.)
+    python benchmarks/bench_unlearn.py --reps 5 --gu-cycles 2   # full size
     python benchmarks/bench_unlearn.py --quick                  # tiny smoke run
 """
 
@@ -183,7 +180,7 @@ class JaxBench:
         return loss
 
     def time_fisher(self, batches: list[dict], convention: str, chunk: int = 8) -> dict:
-        """One full `fisher_diagonal` call, and a one-batch call for its fixed cost."""
+        """A one-batch `fisher_diagonal` call (compiles), then the full call, timed."""
         loss = self.loss_fn()
         kw = {"convention": convention}
         if convention == "per_example":
@@ -195,15 +192,11 @@ class JaxBench:
 
         t0 = time.perf_counter()
         call(batches[:1])
-        one = time.perf_counter() - t0
+        first = time.perf_counter() - t0
         t0 = time.perf_counter()
         call(batches)
         full = time.perf_counter() - t0
-        n = len(batches)
-        per_batch = (full - one) / (n - 1) if n > 1 else full
-        # Compile-time jitter can exceed a short run's batches: no estimate then.
-        steady = per_batch * n if per_batch > 0 else float("nan")
-        return {"call_s": full, "one_batch_call_s": one, "steady_s": steady}
+        return {"call_s": full, "first_one_batch_call_s": first}
 
 
 # ----------------------------------------------------------------------------- torch
@@ -331,12 +324,6 @@ def main(argv=None):
         default=LIBRARY_FISHER_CHUNK,
         help="per_example chunk_size (examples whose grads are held at once)",
     )
-    p.add_argument(
-        "--fisher-default-items",
-        type=int,
-        default=16,
-        help="with a non-default --fisher-chunk, also time the default chunk on this many items",
-    )
     p.add_argument("--no-fisher", action="store_true", help="skip the Fisher section")
     p.add_argument("--no-torch-fisher", action="store_true", help="skip torch's Fisher loop")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
@@ -346,7 +333,7 @@ def main(argv=None):
         args.vocab, args.hidden, args.intermediate, args.layers = 256, 64, 128, 2
         args.heads, args.kv_heads, args.batch, args.seq, args.reps = 4, 2, 2, 32, 2
         args.gu_cycles, args.fisher_items, args.fisher_batch = 1, 16, 4
-        args.fisher_seq, args.fisher_default_items = args.seq, 8
+        args.fisher_seq = args.seq
 
     load_start = os.getloadavg()
     t_start = time.perf_counter()
@@ -385,21 +372,13 @@ def main(argv=None):
             for _ in range(n_batches)
         ]
         extra = args.fisher_batch * n_batches - args.fisher_items
-        if extra:  # trim the last batch so the item count is exact
+        if extra:  # trim the last batch so the item count is exact (one more compile)
             batches[-1] = {k: v[: args.fisher_batch - extra] for k, v in batches[-1].items()}
         pe = jb.time_fisher(batches, "per_example", args.fisher_chunk)
         bm = jb.time_fisher(batches, "batch_mean")
         for name, res in (("per_example", pe), ("batch_mean", bm)):
             r[f"jax_fisher_{name}_call_s"] = res["call_s"]
-            r[f"jax_fisher_{name}_one_batch_call_s"] = res["one_batch_call_s"]
-            r[f"jax_fisher_{name}_steady_s"] = res["steady_s"]
-        if args.fisher_chunk != LIBRARY_FISHER_CHUNK and args.fisher_default_items > 0:
-            # The library default on a few items, to show what --fisher-chunk changed.
-            few = batches[: -(-args.fisher_default_items // args.fisher_batch)]
-            n_few = sum(len(b["input_ids"]) for b in few)
-            res = jb.time_fisher(few, "per_example", LIBRARY_FISHER_CHUNK)
-            r["jax_fisher_per_example_default_chunk_per_item_s"] = res["steady_s"] / n_few
-            r["jax_fisher_per_example_per_item_s"] = pe["steady_s"] / args.fisher_items
+            r[f"jax_fisher_{name}_first_one_batch_call_s"] = res["first_one_batch_call_s"]
         if not args.no_torch_fisher:
             r["torch_fisher_batch_mean_s"] = tb.time_fisher(batches)
 
@@ -426,14 +405,6 @@ def main(argv=None):
         ratios["fisher_per_example_over_batch_mean"] = (
             r["jax_fisher_per_example_call_s"] / r["jax_fisher_batch_mean_call_s"]
         )
-        ratios["fisher_per_example_over_batch_mean_steady"] = (
-            r["jax_fisher_per_example_steady_s"] / r["jax_fisher_batch_mean_steady_s"]
-        )
-        if "jax_fisher_per_example_default_chunk_per_item_s" in r:
-            ratios["fisher_default_chunk_over_chosen_chunk_steady"] = (
-                r["jax_fisher_per_example_default_chunk_per_item_s"]
-                / r["jax_fisher_per_example_per_item_s"]
-            )
         if "torch_fisher_batch_mean_s" in r:
             ratios["fisher_batch_mean_speedup_vs_torch"] = (
                 r["torch_fisher_batch_mean_s"] / r["jax_fisher_batch_mean_call_s"]
@@ -473,7 +444,7 @@ def main(argv=None):
         info["fisher"] = (
             f"{args.fisher_items} items x {args.fisher_seq} tokens (second half scored), "
             f"batch-mean batch {args.fisher_batch}, per-example chunk_size {args.fisher_chunk}; "
-            "one call each, compile included"
+            "timed full call after a one-batch compile call"
             + ("" if args.fisher_seq == args.seq else f" (SHORTER than the step's {args.seq})")
         )
 

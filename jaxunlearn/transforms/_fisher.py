@@ -19,6 +19,7 @@ Two Fisher conventions, which differ in scale:
   importances compared by SSD must use the same b.
 """
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -51,50 +52,59 @@ def _batch_size(batch: Batch, where: str) -> int:
     return first
 
 
-def _expand(w: jax.Array, ndim: int) -> jax.Array:
-    """[c] weights broadcastable against [c, ...] per-example values."""
-    return w.reshape(w.shape + (1,) * (ndim - 1))
-
-
 def _zeros_f32(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
 
 
-def _per_example_sum_sq(loss_fn: LossFn, chunk_size: int) -> Callable[[Any, Batch], Any]:
-    """Jitted (params, batch) -> sum over the batch's examples of squared example grads."""
+# The compiled functions below are module-level jits with `loss_fn` static, so repeated
+# calls with the same loss (SSD's forget and full-data importances, every batch of a
+# dataset) reuse one compilation instead of re-tracing a fresh closure per call. The
+# running total is an argument and is donated, so accumulation happens inside the
+# compiled function with no extra copy of the parameters.
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "chunk_size"), donate_argnums=0)
+def _add_per_example_sum_sq(total, params, batch, *, loss_fn: LossFn, chunk_size: int):
+    """total + the sum over `batch`'s examples of their squared per-example gradients."""
     grad_fn = jax.grad(loss_fn)
 
-    def example_grad(params, example):
+    def example_grad(example):
         return grad_fn(params, jax.tree.map(lambda x: x[None], example))
 
-    @jax.jit
-    def sum_sq(params, batch):
-        b = jax.tree.leaves(batch)[0].shape[0]
-        chunk = min(chunk_size, b)
-        n_chunks = -(-b // chunk)
-        # Pad to whole chunks by repeating real examples (valid inputs, so no NaN from the
-        # loss) and give the padding zero weight.
-        index = jnp.arange(n_chunks * chunk)
-        weight = (index < b).astype(jnp.float32).reshape(n_chunks, chunk)
-        chunks = jax.tree.map(
-            lambda x: jnp.take(x, index % b, axis=0).reshape(n_chunks, chunk, *x.shape[1:]),
-            batch,
+    b = jax.tree.leaves(batch)[0].shape[0]
+    chunk = min(chunk_size, b)
+    n_chunks = -(-b // chunk)
+    # Pad to whole chunks by repeating real examples (valid inputs, so no NaN from the
+    # loss) and give the padding zero weight.
+    index = jnp.arange(n_chunks * chunk)
+    weight = (index < b).astype(jnp.float32).reshape(n_chunks, chunk)
+    chunks = jax.tree.map(
+        lambda x: jnp.take(x, index % b, axis=0).reshape(n_chunks, chunk, *x.shape[1:]),
+        batch,
+    )
+
+    def body(acc, xs):
+        part, w = xs
+        grads = jax.vmap(example_grad)(part)
+        # A weighted sum over the chunk axis written as a contraction: XLA:CPU fuses
+        # `sum(w[:, None, ...] * g**2, 0)` badly on vocabulary-sized matrices (about 19x
+        # slower per example at chunk 8 in benchmarks/bench_unlearn.py), a dot does not.
+        acc = jax.tree.map(
+            lambda a, g: a + jnp.tensordot(w, jnp.square(g.astype(jnp.float32)), axes=1),
+            acc,
+            grads,
         )
+        return acc, None
 
-        def body(total, xs):
-            part, w = xs
-            grads = jax.vmap(example_grad, in_axes=(None, 0))(params, part)
-            total = jax.tree.map(
-                lambda t, g: t + jnp.sum(_expand(w, g.ndim) * jnp.square(g.astype(jnp.float32)), 0),
-                total,
-                grads,
-            )
-            return total, None
+    total, _ = jax.lax.scan(body, total, (chunks, weight))
+    return total
 
-        total, _ = jax.lax.scan(body, _zeros_f32(params), (chunks, weight))
-        return total
 
-    return sum_sq
+@functools.partial(jax.jit, static_argnames=("loss_fn", "fn"), donate_argnums=0)
+def _add_transformed_grad(total, params, batch, *, loss_fn: LossFn, fn: Callable):
+    """total + fn(grad loss_fn(params, batch)) leaf by leaf, in float32."""
+    grads = jax.grad(loss_fn)(params, batch)
+    return jax.tree.map(lambda t, g: t + fn(g.astype(jnp.float32)), total, grads)
 
 
 def fisher_diagonal(
@@ -148,11 +158,12 @@ def fisher_diagonal(
     if convention == "batch_mean":
         return _mean_over_batches(loss_fn, params, batches, jnp.square, where)
 
-    sum_sq = _per_example_sum_sq(loss_fn, chunk_size)
     total, n = _zeros_f32(params), 0
     for batch in batches:
         n += _batch_size(batch, where)
-        total = jax.tree.map(jnp.add, total, sum_sq(params, batch))
+        total = _add_per_example_sum_sq(
+            total, params, batch, loss_fn=loss_fn, chunk_size=chunk_size
+        )
     if n == 0:
         raise ValueError(f"{where}: `batches` is empty; pass at least one non-empty batch.")
     return jax.tree.map(lambda t: t / n, total)
@@ -180,13 +191,10 @@ def importance_abs(loss_fn: LossFn, params: Any, batches: Iterable[Batch]) -> An
 
 
 def _mean_over_batches(loss_fn, params, batches, fn, where):
-    grad_fn = jax.jit(
-        lambda p, b: jax.tree.map(lambda g: fn(g.astype(jnp.float32)), jax.grad(loss_fn)(p, b))
-    )
     total, n_batches = _zeros_f32(params), 0
     for batch in batches:
         _batch_size(batch, where)
-        total = jax.tree.map(jnp.add, total, grad_fn(params, batch))
+        total = _add_transformed_grad(total, params, batch, loss_fn=loss_fn, fn=fn)
         n_batches += 1
     if n_batches == 0:
         raise ValueError(f"{where}: `batches` is empty; pass at least one batch.")
