@@ -61,6 +61,28 @@ def test_per_example_fisher_matches_numpy_analytic_gradients(chunk_size):
     np.testing.assert_allclose(got["b"], np.mean(gb**2), rtol=1e-5)
 
 
+@pytest.mark.parametrize("convention", ["per_example", "batch_mean"])
+def test_fisher_traces_the_loss_once_per_batch_shape_across_calls(convention):
+    # SSD calls fisher_diagonal twice with one loss (forget, then full data): the second
+    # call, and every batch of the same shape, must reuse the first compilation.
+    traces = []
+
+    def loss(params, batch):
+        traces.append(1)  # runs only while JAX traces the loss
+        return linear_loss(params, batch)
+
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.ones(3, jnp.float32), "b": jnp.asarray(0.0, jnp.float32)}
+    first = fisher_diagonal(loss, params, linear_batches(rng, [4, 4]), convention=convention)
+    n_first = len(traces)
+    assert n_first > 0
+    second = fisher_diagonal(loss, params, linear_batches(rng, [4, 4, 4]), convention=convention)
+    assert len(traces) == n_first
+    fisher_diagonal(loss, params, linear_batches(rng, [2]), convention=convention)
+    assert len(traces) > n_first  # a new batch shape does compile (the counter is live)
+    assert not np.allclose(first["w"], second["w"])  # different data, a real recomputation
+
+
 def test_batch_mean_fisher_matches_numpy_analytic_gradients():
     rng = np.random.default_rng(1)
     params = {

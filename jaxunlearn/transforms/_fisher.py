@@ -131,6 +131,9 @@ def fisher_diagonal(
       chunk_size: "per_example" only: examples whose gradients are held at once (memory is
         about chunk_size copies of the parameters).
 
+    The gradient pass compiles once per (`loss_fn`, batch shape): pass the same `loss_fn`
+    object to later calls (SSD's forget and full-data passes) to reuse the compilation.
+
     Returns:
       A float32 pytree like `params`.
 
