@@ -19,7 +19,7 @@ _LAZY = {
 _SUBMODULES = (
     "models", "checkpoints", "scores", "objectives", "transforms", "data", "eval",
     "parallel", "recipes", "train", "bilevel", "cli",
-)
+)  # fmt: skip
 
 
 def __getattr__(name):
