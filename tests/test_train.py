@@ -5,8 +5,9 @@ of the same parameters), so the NNX split/merge, donation and guard plumbing can
 the math unnoticed.
 """
 
-import importlib.util
 import json
+import struct
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -294,6 +295,39 @@ def test_tensorboard_scalars_are_written_when_a_writer_is_available(tmp_path, mo
     assert written[-1] == ("close",)
 
 
+def read_tensorboard_scalars(logdir):
+    """(tag, value, step) of every scalar in the event files under `logdir`, read plainly.
+
+    An event file is TFRecord: per record an 8-byte little-endian length, a 4-byte CRC, the
+    serialized `Event` proto and a 4-byte CRC.
+    """
+    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+    scalars = []
+    for path in sorted(logdir.rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.append((value.tag, value.simple_value, event.step))
+    return scalars
+
+
+def test_tensorboard_event_files_hold_the_logged_metrics(tmp_path):
+    pytest.importorskip("tensorboardX")
+    result = train.unlearn(
+        Toy(), toy_objective(), optax.sgd(0.05), ToyData(), steps=3, progress=False,
+        tensorboard_dir=tmp_path / "tb",
+    )  # fmt: skip
+    scalars = read_tensorboard_scalars(tmp_path / "tb")
+    losses = [(step, value) for tag, value, step in scalars if tag == "unlearn/loss"]
+    assert [s for s, _ in losses] == [m["step"] for m in result.metrics]
+    np.testing.assert_allclose([v for _, v in losses], [m["loss"] for m in result.metrics],
+                               rtol=1e-6)  # fmt: skip
+
+
 def pdu_toy():
     return objectives.PrimalDual(
         objectives.forget_retain(ascent, mse, gamma=1.0, alpha=0.5),
@@ -378,14 +412,14 @@ def test_unlearn_argument_errors(tmp_path):
         train.unlearn(Toy(), mse, optax.sgd(0.1), ToyData(), steps=1, checkpoint_every=2)
     with pytest.raises(TypeError, match="batch_at"):
         train.unlearn(Toy(), mse, optax.sgd(0.1), [1, 2], steps=1)
-    if (
-        importlib.util.find_spec("tensorboardX") is None
-        and importlib.util.find_spec("tensorflow") is None
-    ):
+    with pytest.MonkeyPatch.context() as mp:  # as if neither writer were installed
+        mp.setitem(sys.modules, "tensorboardX", None)
+        mp.setitem(sys.modules, "tensorflow", None)
         with pytest.raises(ImportError, match="pip install tensorboardX"):
             train.unlearn(
                 Toy(), mse, optax.sgd(0.1), ToyData(), steps=1, tensorboard_dir=tmp_path / "tb"
             )
+    assert not (tmp_path / "tb").exists()  # refused before any work
     train.unlearn(Toy(), toy_objective(), optax.sgd(0.1), ToyData(), steps=2,
                   checkpoint_dir=tmp_path / "c", progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="resume=False"):
