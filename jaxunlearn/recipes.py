@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import optax
 
@@ -166,72 +166,86 @@ def _ofmu(h):
     return objective, method
 
 
-# name -> (kind, defaults, builder, needs_reference(h), needs_retain(h), needs_alternate,
-#          split_grads, description)
-_METHODS: dict[str, tuple] = {
-    "gradascent": (
-        "loss",
-        {**_OPTIMIZER},
-        lambda h: (ob.forget_retain(ob.grad_ascent()), _adamw(h)),
-        lambda h: False,
-        lambda h: False,
-        False,
-        False,
-        "gradient ascent on the forget NLL",
+def _never(h: Mapping[str, Any]) -> bool:
+    return False
+
+
+def _always(h: Mapping[str, Any]) -> bool:
+    return True
+
+
+def _kl_retain(h: Mapping[str, Any]) -> bool:  # the KL retain term runs the reference
+    return h["retain_loss"] == "kl"
+
+
+def _alpha_on(h: Mapping[str, Any]) -> bool:  # a retain term with weight
+    return h["alpha"] != 0
+
+
+class _Spec(NamedTuple):
+    """A method's table entry: `recipe` builds a `Recipe` from it."""
+
+    kind: str
+    defaults: dict[str, Any]
+    build: Callable[[dict[str, Any]], tuple[Any, Any]]  # hyperparameters -> (objective, tx)
+    description: str
+    needs_reference: Callable[[Mapping[str, Any]], bool] = _never
+    needs_retain: Callable[[Mapping[str, Any]], bool] = _never
+    needs_alternate: bool = False
+    split_grads: bool = False
+
+
+_METHODS: dict[str, _Spec] = {
+    "gradascent": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER},
+        build=lambda h: (ob.forget_retain(ob.grad_ascent()), _adamw(h)),
+        description="gradient ascent on the forget NLL",
     ),
-    "graddiff": (
-        "loss",
-        {**_OPTIMIZER, **_WEIGHTS},
-        _loss_method(lambda h: ob.grad_ascent()),
-        lambda h: h["retain_loss"] == "kl",
-        lambda h: h["alpha"] != 0,
-        False,
-        False,
-        "gradient difference: ascent on forget, descent on retain",
+    "graddiff": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER, **_WEIGHTS},
+        build=_loss_method(lambda h: ob.grad_ascent()),
+        description="gradient difference: ascent on forget, descent on retain",
+        needs_reference=_kl_retain,
+        needs_retain=_alpha_on,
     ),
-    "kl": (
-        "loss",
-        {**_OPTIMIZER, **_WEIGHTS, "retain_loss": "kl"},
-        _loss_method(lambda h: ob.grad_ascent()),
-        lambda h: h["retain_loss"] == "kl",
-        lambda h: h["alpha"] != 0,
-        False,
-        False,
-        "gradient ascent with a KL-to-reference retain term (TOFU 'KL')",
+    "kl": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER, **_WEIGHTS, "retain_loss": "kl"},
+        build=_loss_method(lambda h: ob.grad_ascent()),
+        description="gradient ascent with a KL-to-reference retain term (TOFU 'KL')",
+        needs_reference=_kl_retain,
+        needs_retain=_alpha_on,
     ),
-    "npo": (
-        "loss",
-        {**_OPTIMIZER, **_WEIGHTS, "beta": 0.1},
-        _loss_method(lambda h: ob.npo(h["beta"])),
-        lambda h: True,
-        lambda h: h["alpha"] != 0,
-        False,
-        False,
-        "negative preference optimisation (arXiv 2404.05868)",
+    "npo": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER, **_WEIGHTS, "beta": 0.1},
+        build=_loss_method(lambda h: ob.npo(h["beta"])),
+        description="negative preference optimisation (arXiv 2404.05868)",
+        needs_reference=_always,
+        needs_retain=_alpha_on,
     ),
-    "simnpo": (
-        "loss",
-        {**_OPTIMIZER, **_WEIGHTS, "gamma": 0.125, "beta": 4.5, "delta": 0.0},
-        _loss_method(lambda h: ob.simnpo(h["beta"], h["delta"])),
-        lambda h: h["retain_loss"] == "kl",
-        lambda h: h["alpha"] != 0,
-        False,
-        False,
-        "reference-free, length-normalised NPO (arXiv 2410.07163)",
+    "simnpo": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER, **_WEIGHTS, "gamma": 0.125, "beta": 4.5, "delta": 0.0},
+        build=_loss_method(lambda h: ob.simnpo(h["beta"], h["delta"])),
+        description="reference-free, length-normalised NPO (arXiv 2410.07163)",
+        needs_reference=_kl_retain,
+        needs_retain=_alpha_on,
     ),
-    "idkdpo": (
-        "loss",
-        {**_OPTIMIZER, **_WEIGHTS, "beta": 0.1},
-        _loss_method(lambda h: ob.idk_dpo(h["beta"])),
-        lambda h: True,
-        lambda h: h["alpha"] != 0,
-        True,
-        False,
-        "DPO preferring an 'I don't know' refusal over the forget answer",
+    "idkdpo": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER, **_WEIGHTS, "beta": 0.1},
+        build=_loss_method(lambda h: ob.idk_dpo(h["beta"])),
+        description="DPO preferring an 'I don't know' refusal over the forget answer",
+        needs_reference=_always,
+        needs_retain=_alpha_on,
+        needs_alternate=True,
     ),
-    "rmu": (
-        "loss",
-        {
+    "rmu": _Spec(
+        kind="loss",
+        defaults={
             **_OPTIMIZER,
             "learning_rate": 5e-5,
             "gamma": 1.0,
@@ -242,92 +256,72 @@ _METHODS: dict[str, tuple] = {
             "module": "mlp.down_proj",
             "control_seed": 0,
         },
-        _rmu,
-        lambda h: True,
-        lambda h: True,
-        False,
-        False,
-        "representation misdirection of one layer's activations (WMDP, arXiv 2403.03218)",
-    ),  # fmt: skip
-    "undial": (
-        "loss",
-        {**_OPTIMIZER, **_WEIGHTS, "learning_rate": 1e-4, "alpha": 0.0, "beta": 10.0},
-        _loss_method(lambda h: ob.undial(h["beta"])),
-        lambda h: True,
-        lambda h: h["alpha"] != 0,
-        False,
-        False,
-        "self-distillation with the label logit lowered (arXiv 2402.10052)",
+        build=_rmu,
+        description="representation misdirection of one layer's activations (WMDP, arXiv 2403.03218)",
+        needs_reference=_always,
+        needs_retain=_always,
     ),
-    "wga": (
-        "loss",
-        {**_OPTIMIZER, **_WEIGHTS, "beta": 1.0},
-        _loss_method(lambda h: ob.wga(h["beta"])),
-        lambda h: h["retain_loss"] == "kl",
-        lambda h: h["alpha"] != 0,
-        False,
-        False,
-        "probability-weighted gradient ascent (arXiv 2502.19301)",
+    "undial": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER, **_WEIGHTS, "learning_rate": 1e-4, "alpha": 0.0, "beta": 10.0},
+        build=_loss_method(lambda h: ob.undial(h["beta"])),
+        description="self-distillation with the label logit lowered (arXiv 2402.10052)",
+        needs_reference=_always,
+        needs_retain=_alpha_on,
     ),
-    "satimp": (
-        "loss",
-        {**_OPTIMIZER, **_WEIGHTS, "gamma": 0.1, "beta1": 5.0, "beta2": 1.0},
-        _loss_method(lambda h: ob.satimp(h["beta1"], h["beta2"])),
-        lambda h: h["retain_loss"] == "kl",
-        lambda h: h["alpha"] != 0,
-        False,
-        False,
-        "saturation/importance-weighted ascent (arXiv 2505.11953)",
+    "wga": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER, **_WEIGHTS, "beta": 1.0},
+        build=_loss_method(lambda h: ob.wga(h["beta"])),
+        description="probability-weighted gradient ascent (arXiv 2502.19301)",
+        needs_reference=_kl_retain,
+        needs_retain=_alpha_on,
     ),
-    "ceu": (
-        "loss",
-        {**_OPTIMIZER, "ignore_first_n_answer_tokens": 1},
-        lambda h: (ob.forget_retain(ob.ceu(h["ignore_first_n_answer_tokens"])), _adamw(h)),
-        lambda h: False,
-        lambda h: False,
-        False,
-        False,
-        "cross-entropy to the model's own distribution without the label (arXiv 2503.01224)",
+    "satimp": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER, **_WEIGHTS, "gamma": 0.1, "beta1": 5.0, "beta2": 1.0},
+        build=_loss_method(lambda h: ob.satimp(h["beta1"], h["beta2"])),
+        description="saturation/importance-weighted ascent (arXiv 2505.11953)",
+        needs_reference=_kl_retain,
+        needs_retain=_alpha_on,
     ),
-    "flat": (
-        "loss",
-        {**_OPTIMIZER, "divergence": "tv"},
-        lambda h: (ob.forget_retain(ob.flat(h["divergence"])), _adamw(h)),
-        lambda h: False,
-        lambda h: False,
-        True,
-        False,
-        "f-divergence between template and forget answers, forget data only (arXiv 2410.11143)",
+    "ceu": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER, "ignore_first_n_answer_tokens": 1},
+        build=lambda h: (ob.forget_retain(ob.ceu(h["ignore_first_n_answer_tokens"])), _adamw(h)),
+        description="cross-entropy to the model's own distribution without the label (arXiv 2503.01224)",
     ),
-    "pdu": (
-        "loss",
-        {
+    "flat": _Spec(
+        kind="loss",
+        defaults={**_OPTIMIZER, "divergence": "tv"},
+        build=lambda h: (ob.forget_retain(ob.flat(h["divergence"])), _adamw(h)),
+        description="f-divergence between template and forget answers, forget data only (arXiv 2410.11143)",
+        needs_alternate=True,
+    ),
+    "pdu": _Spec(
+        kind="loss",
+        defaults={
             **_OPTIMIZER,
             **_WEIGHTS,
             "retain_loss_eps": None,
             "dual_step_size": 1.0,
             "dual_warmup": 0,
         },
-        _pdu,
-        lambda h: h["retain_loss"] == "kl",
-        lambda h: True,
-        False,
-        False,
-        "primal-dual: logit-margin flattening under a retain-loss bound (arXiv 2506.05314)",
-    ),  # fmt: skip
-    "ssd": (
-        "one_shot",
-        {"alpha": 10.0, "lam": 1.0, "convention": "batch_mean"},
-        lambda h: (None, None),
-        lambda h: False,
-        lambda h: True,
-        False,
-        False,
-        "selective synaptic dampening by forget/full Fisher ratio (arXiv 2308.07707)",
+        build=_pdu,
+        description="primal-dual: logit-margin flattening under a retain-loss bound (arXiv 2506.05314)",
+        needs_reference=_kl_retain,
+        needs_retain=_always,
     ),
-    "gu_npo": (
-        "loss",
-        {
+    "ssd": _Spec(
+        kind="one_shot",
+        defaults={"alpha": 10.0, "lam": 1.0, "convention": "batch_mean"},
+        build=lambda h: (None, None),
+        description="selective synaptic dampening by forget/full Fisher ratio (arXiv 2308.07707)",
+        needs_retain=_always,
+    ),
+    "gu_npo": _Spec(
+        kind="loss",
+        defaults={
             **_OPTIMIZER,
             **_WEIGHTS,
             "beta": 0.1,
@@ -335,16 +329,15 @@ _METHODS: dict[str, tuple] = {
             "refresh_every": 10,
             "projection_mode": "gu",
         },
-        _gu_npo,
-        lambda h: True,
-        lambda h: True,
-        False,
-        True,
-        "NPO with the forget step projected off the retain-gradient subspace (arXiv 2511.17100)",
-    ),  # fmt: skip
-    "hamu": (
-        "loss",
-        {
+        build=_gu_npo,
+        description="NPO with the forget step projected off the retain-gradient subspace (arXiv 2511.17100)",
+        needs_reference=_always,
+        needs_retain=_always,
+        split_grads=True,
+    ),
+    "hamu": _Spec(
+        kind="loss",
+        defaults={
             **_WEIGHTS,
             "learning_rate": 1e-4,
             "constraint": 5e-5,
@@ -354,16 +347,15 @@ _METHODS: dict[str, tuple] = {
             "clip_norm": 1.0,
             "stop_on_criterion": False,
         },
-        _hamu,
-        lambda h: h["retain_loss"] == "kl",
-        lambda h: True,
-        False,
-        True,
-        "hardness-aware closed-form constrained step (arXiv 2606.02119)",
-    ),  # fmt: skip
-    "ofmu": (
-        "bilevel",
-        {
+        build=_hamu,
+        description="hardness-aware closed-form constrained step (arXiv 2606.02119)",
+        needs_reference=_kl_retain,
+        needs_retain=_always,
+        split_grads=True,
+    ),
+    "ofmu": _Spec(
+        kind="bilevel",
+        defaults={
             **_OPTIMIZER,
             "retain_loss": "nll",
             "inner_learning_rate": 1e-5,
@@ -373,20 +365,18 @@ _METHODS: dict[str, tuple] = {
             "similarity": "cosine",
             "penalty": "stationarity",
         },
-        _ofmu,
-        lambda h: h["retain_loss"] == "kl",
-        lambda h: True,
-        False,
-        False,
-        "bi-level: inner forget ascent with gradient decorrelation, outer retain descent "
+        build=_ofmu,
+        description="bi-level: inner forget ascent with gradient decorrelation, outer retain descent "
         "(arXiv 2509.22483)",
-    ),  # fmt: skip
+        needs_reference=_kl_retain,
+        needs_retain=_always,
+    ),
 }
 
 METHODS: tuple[str, ...] = tuple(sorted(_METHODS))
 
 
-def _method(name: str) -> tuple:
+def _method(name: str) -> _Spec:
     key = name.lower().replace("-", "_")
     if key not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}.")
@@ -395,7 +385,7 @@ def _method(name: str) -> tuple:
 
 def defaults(name: str) -> dict[str, Any]:
     """The default hyperparameters of method `name` (a fresh dict)."""
-    return dict(_method(name)[1])
+    return dict(_method(name).defaults)
 
 
 def recipe(name: str, **overrides: Any) -> Recipe:
@@ -412,7 +402,8 @@ def recipe(name: str, **overrides: Any) -> Recipe:
       ValueError: unknown method (the message lists the known ones), an unknown
         hyperparameter (listing the valid ones), or a value the method rejects.
     """
-    kind, base, build, needs_ref, needs_retain, needs_alt, split, text = _method(name)
+    spec = _method(name)
+    base = spec.defaults
     unknown = sorted(set(overrides) - set(base))
     if unknown:
         raise ValueError(
@@ -420,18 +411,18 @@ def recipe(name: str, **overrides: Any) -> Recipe:
             f"{', '.join(sorted(base))}."
         )
     h = {**base, **overrides}
-    objective, tx = build(h)
+    objective, tx = spec.build(h)
     return Recipe(
         name=name.lower().replace("-", "_"),
-        kind=kind,
+        kind=spec.kind,
         objective=objective,
         tx=tx,
-        needs_reference=bool(needs_ref(h)),
-        needs_retain=bool(needs_retain(h)),
-        needs_alternate=needs_alt,
-        split_grads=split,
+        needs_reference=bool(spec.needs_reference(h)),
+        needs_retain=bool(spec.needs_retain(h)),
+        needs_alternate=spec.needs_alternate,
+        split_grads=spec.split_grads,
         hyperparameters=types.MappingProxyType(h),
-        description=text,
+        description=spec.description,
     )
 
 
