@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Same model definition as the other benchmarks, so the tables compare directly.
+from bench_model import add_model_args, hf_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -92,18 +95,8 @@ def save_model(path: Path, tokenizer, args):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
+    config = hf_config(
+        args, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0
     )
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(path)
@@ -224,12 +217,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per side (medians)")
     p.add_argument("--template", default="chat", choices=("chat", "qa"))
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
+    add_model_args(p)
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the temporary model directory")
     args = p.parse_args(argv)

@@ -132,9 +132,28 @@ def matmul_fns(n: int = 2048, k: int = 3) -> dict:
     return {"jax": jax_mm, "torch": torch_mm}
 
 
-def hf_config(args):
+MODEL_SHAPE = (  # the foundation benchmark's Llama, shared by every benchmark here
+    ("--vocab", 4096),
+    ("--hidden", 512),
+    ("--intermediate", 1408),
+    ("--layers", 6),
+    ("--heads", 8),
+    ("--kv-heads", 4),
+)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model-shape flags (`MODEL_SHAPE`)."""
+    for flag, default in MODEL_SHAPE:
+        p.add_argument(flag, type=int, default=default)
+
+
+def hf_config(args, **extra):
+    """A transformers LlamaConfig of the benchmark shape in `args`; `extra` adds fields."""
     import transformers
 
+    if "max_position_embeddings" not in extra:
+        extra["max_position_embeddings"] = max(2 * args.seq, 512)
     return transformers.LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -142,8 +161,8 @@ def hf_config(args):
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2 * args.seq, 512),
         tie_word_embeddings=False,
+        **extra,
     )
 
 
@@ -243,12 +262,7 @@ def profile_step(step, log_dir: str, n: int = 3, top: int = 25) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)

@@ -49,7 +49,7 @@ import numpy as np
 import optax
 
 # Same model definition as the foundation benchmark, so the two tables compare directly.
-from bench_model import hf_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from bench_model import add_model_args, hf_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from flax import nnx
 
 from jaxunlearn import objectives, train, transforms
@@ -294,12 +294,7 @@ def _check(value: float, target: float, larger_is_better: bool) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
+    add_model_args(p)
     p.add_argument(
         "--batch", type=int, default=8, help="rows of the forget and of the retain batch"
     )
