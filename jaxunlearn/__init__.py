@@ -2,7 +2,7 @@
 
 Unlearning is three composable, pure pieces: an objective (a loss transform built from
 shared per-token scores), an optax gradient transformation, and a schedule of forget /
-retain batches. See DESIGN.md in the repository for the architecture.
+retain batches. See the README in the repository for the architecture.
 """
 
 import importlib

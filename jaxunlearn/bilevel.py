@@ -137,7 +137,7 @@ def inner_objective(
 
 
 @dataclasses.dataclass(frozen=True)
-class OFMU:
+class OFMU(train.StepBuilder):
     """OFMU's hyperparameters and optimisers (build with `ofmu`).
 
     `init(params)` gives the `OFMUState`; `update_fn(forget_loss, retain_loss)` gives the pure
@@ -180,7 +180,8 @@ class OFMU:
         Returns:
           ``iteration(params, state, batch) -> (params, state, metrics)``; metrics are scalars
           at the outer evaluation point θ̂: "loss" (F), "forget_loss", "retain_loss",
-          "similarity", "penalty", "inner_objective" (h), "grad_norm" (||∇F||), "finite".
+          "similarity", "penalty" (½||∇h||², or with penalty="value" the gap h(θ̂) - h(θ_k)),
+          "inner_objective" (h), "grad_norm" (||∇F||), "finite".
           A non-finite F or ∇F leaves params and state unchanged ("finite" = 0).
         """
         h = inner_objective(
@@ -224,6 +225,11 @@ class OFMU:
                 finite, (new_params, new_state), (params, state)
             )
             metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+            if self.penalty == "value":
+                # The gap the value penalty measures, h(θ̂) - h(θ_k): how far the inner loop
+                # still raised h (one more evaluation of h, for the log only).
+                start, _ = h(lax.stop_gradient(params), batch)
+                metrics["penalty"] = jnp.asarray(aux["inner_objective"] - start, jnp.float32)
             metrics |= {
                 "loss": jnp.asarray(loss, jnp.float32),
                 "grad_norm": grad_norm,

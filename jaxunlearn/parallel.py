@@ -166,6 +166,26 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(place, batch)
 
 
+def place_batch(batch: Any, mesh: Mesh | None) -> Any:
+    """A host batch on the devices: split along the batch over `mesh` (`shard_batch`), or on
+    the default device when `mesh` is None."""
+    if mesh is None:
+        return jax.device_put(jax.tree.map(np.asarray, batch))
+    return shard_batch(batch, mesh)
+
+
+def place_split_model(params: Any, rest: Any, mesh: Mesh | None) -> tuple[Any, Any]:
+    """Places a split model (``nnx.split(model, nnx.Param, ...)``) on `mesh`.
+
+    Parameters get their FSDP shardings (`param_sharding`), the rest of the state is
+    replicated. With no mesh both are returned unchanged.
+    """
+    if mesh is None:
+        return params, rest
+    params = jax.device_put(params, param_sharding(params, mesh))
+    return params, jax.device_put(rest, NamedSharding(mesh, P()))
+
+
 def initialize_distributed(**kwargs: Any) -> None:
     """Connects the processes of a multi-host job; call once, before any other JAX call.
 

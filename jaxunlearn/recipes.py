@@ -2,7 +2,7 @@
 
 `recipe("npo")` returns a frozen `Recipe`: the objective, the optax transformation, what
 data and models the method needs, and the hyperparameters used to build them. Defaults
-follow open-unlearning's TOFU configurations (methods.md §3-§4: AdamW lr 1e-5, weight decay
+follow open-unlearning's TOFU configurations (its ``configs/trainer/*.yaml``: AdamW lr 1e-5, weight decay
 0.01, Hugging Face's gradient clipping at 1.0, NPO beta 0.1, SimNPO beta 4.5 / delta 0 /
 gamma 0.125, UNDIAL beta 10 / alpha 0 / lr 1e-4, SatImp gamma 0.1 / beta1 5 / beta2 1, RMU
 layer 7 / c 2 / alpha 1 training down_proj of layers 5-7 at lr 5e-5, ...). Any
@@ -12,8 +12,8 @@ hyperparameter can be overridden: ``recipe("npo", beta=0.2)``, or from text with
 Example:
   >>> from jaxunlearn import recipes
   >>> r = recipes.recipe("simnpo", gamma=0.2)
-  >>> r.kind, r.needs_reference, r.hyperparameters["beta"], r.hyperparameters["gamma"]
-  ('loss', False, 4.5, 0.2)
+  >>> r.kind, r.needs_retain, r.hyperparameters["beta"], r.hyperparameters["gamma"]
+  ('loss', True, 4.5, 0.2)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import optax
 
 from jaxunlearn import objectives as ob
@@ -45,11 +46,8 @@ class Recipe:
         `bilevel.OFMU`, also run by `train.unlearn`).
       objective: the objective (None for one-shot methods).
       tx: the optax transformation, or the `bilevel.OFMU` (None for one-shot methods).
-      needs_reference: the objective uses the frozen starting model.
       needs_retain: the method reads a retain set.
       needs_alternate: the method reads alternate answers (refusals) for each forget item.
-      split_grads: the transformation takes forget and retain gradients apart
-        (``train.unlearn(..., split_grads=True)``).
       hyperparameters: every hyperparameter, defaults with overrides applied (read-only).
       description: one line on what the method does.
     """
@@ -58,10 +56,8 @@ class Recipe:
     kind: str
     objective: Any
     tx: Any
-    needs_reference: bool
     needs_retain: bool
     needs_alternate: bool
-    split_grads: bool
     hyperparameters: Mapping[str, Any]
     description: str
 
@@ -79,8 +75,12 @@ def _schedule(h: Mapping[str, Any]) -> optax.Schedule | float:
 
 
 def _adamw(h: Mapping[str, Any]) -> optax.GradientTransformation:
-    """AdamW with the learning rate exposed in the state (logged), after optional clipping."""
-    adamw = optax.inject_hyperparams(optax.adamw)(
+    """AdamW with the learning rate exposed in the state (logged), after optional clipping.
+
+    The injected hyperparameters are float32 whatever the parameters' dtype: in bfloat16,
+    b2 = 0.999 rounds to 1.0 and Adam's bias correction 1 - b2^t divides by zero.
+    """
+    adamw = optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
         learning_rate=_schedule(h), weight_decay=h["weight_decay"]
     )
     if h.get("max_grad_norm", 0) > 0:
@@ -95,8 +95,9 @@ def _retain_term(h: Mapping[str, Any]) -> ob.Term:
     return kinds[h["retain_loss"]]()
 
 
-def _pair(forget: ob.Term, h: Mapping[str, Any]) -> ob.ForgetRetain:
-    retain = _retain_term(h) if h["alpha"] != 0 else None  # alpha 0: skip the retain pass
+def _pair(forget: ob.Term, h: Mapping[str, Any], *, keep_retain: bool = False) -> ob.ForgetRetain:
+    # alpha 0 skips the retain pass, unless a transformation needs the retain direction
+    retain = _retain_term(h) if h["alpha"] != 0 or keep_retain else None
     return ob.forget_retain(forget, retain, gamma=h["gamma"], alpha=h["alpha"])
 
 
@@ -133,7 +134,21 @@ def _pdu(h):
 
 
 def _gu_npo(h):
-    objective = _pair(ob.npo(h["beta"]), h)
+    """GU + NPO. geometry="adam" (default) is GU's latest ``training_step``: the projection in
+    Adam-whitened coordinates followed by Adam with b1 = 0 and no weight decay, the one setting
+    in which the *executed* forget step is Euclidean-orthogonal to the retain gradient (AdamW's
+    momentum and decay would rotate it back); GU's code uses rank 1 refreshed every step, the
+    defaults here. geometry="euclidean" projects plain gradients (GU v1/v2 used rank 8, never
+    refreshed) before the usual clipped AdamW: cheaper per step, but the step taken is then
+    only approximately orthogonal."""
+    objective = _pair(ob.npo(h["beta"]), h, keep_retain=True)
+    if h["geometry"] == "adam":
+        return objective, transforms.whitened_retain_projection(
+            _schedule(h), rank=h["rank"], refresh_every=h["refresh_every"],
+            mode=h["projection_mode"],
+        )  # fmt: skip
+    if h["geometry"] != "euclidean":
+        raise ValueError(f"geometry must be 'adam' or 'euclidean', got {h['geometry']!r}.")
     projection = transforms.retain_projection(
         h["rank"], h["refresh_every"], mode=h["projection_mode"]
     )
@@ -142,7 +157,9 @@ def _gu_npo(h):
 
 
 def _hamu(h):
-    objective = _pair(ob.grad_ascent(), h)  # L_forget = -CE: the transform's forget_sign=-1
+    objective = _pair(
+        ob.grad_ascent(), h, keep_retain=True
+    )  # L_forget = -CE: the transform's forget_sign=-1
     try:  # a fixed radius given as text ("--set radius=0.5"); "lr" is HAMU's lr-scaled one
         radius = float(h["radius"])
     except (TypeError, ValueError):
@@ -174,10 +191,6 @@ def _always(h: Mapping[str, Any]) -> bool:
     return True
 
 
-def _kl_retain(h: Mapping[str, Any]) -> bool:  # the KL retain term runs the reference
-    return h["retain_loss"] == "kl"
-
-
 def _alpha_on(h: Mapping[str, Any]) -> bool:  # a retain term with weight
     return h["alpha"] != 0
 
@@ -189,10 +202,8 @@ class _Spec(NamedTuple):
     defaults: dict[str, Any]
     build: Callable[[dict[str, Any]], tuple[Any, Any]]  # hyperparameters -> (objective, tx)
     description: str
-    needs_reference: Callable[[Mapping[str, Any]], bool] = _never
     needs_retain: Callable[[Mapping[str, Any]], bool] = _never
     needs_alternate: bool = False
-    split_grads: bool = False
 
 
 _METHODS: dict[str, _Spec] = {
@@ -207,7 +218,6 @@ _METHODS: dict[str, _Spec] = {
         defaults={**_OPTIMIZER, **_WEIGHTS},
         build=_loss_method(lambda h: ob.grad_ascent()),
         description="gradient difference: ascent on forget, descent on retain",
-        needs_reference=_kl_retain,
         needs_retain=_alpha_on,
     ),
     "kl": _Spec(
@@ -215,7 +225,6 @@ _METHODS: dict[str, _Spec] = {
         defaults={**_OPTIMIZER, **_WEIGHTS, "retain_loss": "kl"},
         build=_loss_method(lambda h: ob.grad_ascent()),
         description="gradient ascent with a KL-to-reference retain term (TOFU 'KL')",
-        needs_reference=_kl_retain,
         needs_retain=_alpha_on,
     ),
     "npo": _Spec(
@@ -223,7 +232,6 @@ _METHODS: dict[str, _Spec] = {
         defaults={**_OPTIMIZER, **_WEIGHTS, "beta": 0.1},
         build=_loss_method(lambda h: ob.npo(h["beta"])),
         description="negative preference optimisation (arXiv 2404.05868)",
-        needs_reference=_always,
         needs_retain=_alpha_on,
     ),
     "simnpo": _Spec(
@@ -231,7 +239,6 @@ _METHODS: dict[str, _Spec] = {
         defaults={**_OPTIMIZER, **_WEIGHTS, "gamma": 0.125, "beta": 4.5, "delta": 0.0},
         build=_loss_method(lambda h: ob.simnpo(h["beta"], h["delta"])),
         description="reference-free, length-normalised NPO (arXiv 2410.07163)",
-        needs_reference=_kl_retain,
         needs_retain=_alpha_on,
     ),
     "idkdpo": _Spec(
@@ -239,7 +246,6 @@ _METHODS: dict[str, _Spec] = {
         defaults={**_OPTIMIZER, **_WEIGHTS, "beta": 0.1},
         build=_loss_method(lambda h: ob.idk_dpo(h["beta"])),
         description="DPO preferring an 'I don't know' refusal over the forget answer",
-        needs_reference=_always,
         needs_retain=_alpha_on,
         needs_alternate=True,
     ),
@@ -258,7 +264,6 @@ _METHODS: dict[str, _Spec] = {
         },
         build=_rmu,
         description="representation misdirection of one layer's activations (WMDP, arXiv 2403.03218)",
-        needs_reference=_always,
         needs_retain=_always,
     ),
     "undial": _Spec(
@@ -266,7 +271,6 @@ _METHODS: dict[str, _Spec] = {
         defaults={**_OPTIMIZER, **_WEIGHTS, "learning_rate": 1e-4, "alpha": 0.0, "beta": 10.0},
         build=_loss_method(lambda h: ob.undial(h["beta"])),
         description="self-distillation with the label logit lowered (arXiv 2402.10052)",
-        needs_reference=_always,
         needs_retain=_alpha_on,
     ),
     "wga": _Spec(
@@ -274,7 +278,6 @@ _METHODS: dict[str, _Spec] = {
         defaults={**_OPTIMIZER, **_WEIGHTS, "beta": 1.0},
         build=_loss_method(lambda h: ob.wga(h["beta"])),
         description="probability-weighted gradient ascent (arXiv 2502.19301)",
-        needs_reference=_kl_retain,
         needs_retain=_alpha_on,
     ),
     "satimp": _Spec(
@@ -282,7 +285,6 @@ _METHODS: dict[str, _Spec] = {
         defaults={**_OPTIMIZER, **_WEIGHTS, "gamma": 0.1, "beta1": 5.0, "beta2": 1.0},
         build=_loss_method(lambda h: ob.satimp(h["beta1"], h["beta2"])),
         description="saturation/importance-weighted ascent (arXiv 2505.11953)",
-        needs_reference=_kl_retain,
         needs_retain=_alpha_on,
     ),
     "ceu": _Spec(
@@ -309,7 +311,6 @@ _METHODS: dict[str, _Spec] = {
         },
         build=_pdu,
         description="primal-dual: logit-margin flattening under a retain-loss bound (arXiv 2506.05314)",
-        needs_reference=_kl_retain,
         needs_retain=_always,
     ),
     "ssd": _Spec(
@@ -325,15 +326,14 @@ _METHODS: dict[str, _Spec] = {
             **_OPTIMIZER,
             **_WEIGHTS,
             "beta": 0.1,
-            "rank": 8,
-            "refresh_every": 10,
+            "geometry": "adam",
+            "rank": 1,
+            "refresh_every": 1,
             "projection_mode": "gu",
         },
         build=_gu_npo,
         description="NPO with the forget step projected off the retain-gradient subspace (arXiv 2511.17100)",
-        needs_reference=_always,
         needs_retain=_always,
-        split_grads=True,
     ),
     "hamu": _Spec(
         kind="loss",
@@ -349,9 +349,7 @@ _METHODS: dict[str, _Spec] = {
         },
         build=_hamu,
         description="hardness-aware closed-form constrained step (arXiv 2606.02119)",
-        needs_reference=_kl_retain,
         needs_retain=_always,
-        split_grads=True,
     ),
     "ofmu": _Spec(
         kind="bilevel",
@@ -368,7 +366,6 @@ _METHODS: dict[str, _Spec] = {
         build=_ofmu,
         description="bi-level: inner forget ascent with gradient decorrelation, outer retain descent "
         "(arXiv 2509.22483)",
-        needs_reference=_kl_retain,
         needs_retain=_always,
     ),
 }
@@ -417,10 +414,8 @@ def recipe(name: str, **overrides: Any) -> Recipe:
         kind=spec.kind,
         objective=objective,
         tx=tx,
-        needs_reference=bool(spec.needs_reference(h)),
         needs_retain=bool(spec.needs_retain(h)),
         needs_alternate=spec.needs_alternate,
-        split_grads=spec.split_grads,
         hyperparameters=types.MappingProxyType(h),
         description=spec.description,
     )
@@ -460,8 +455,12 @@ def parse_value(key: str, text: str, default: Any) -> Any:
         raise ValueError(f"--set {key}={text}: expected {kind} (default {default!r}).") from None
 
 
+_ALIASES = {"lr": "learning_rate"}  # the short spellings users type
+
+
 def parse_overrides(name: str, assignments: Iterable[str]) -> dict[str, Any]:
-    """``["beta=0.2", "alpha=2"]`` -> typed overrides for method `name`.
+    """``["beta=0.2", "alpha=2", "lr=2e-5"]`` -> typed overrides for method `name` (``lr`` is
+    short for ``learning_rate``).
 
     Args:
       name: the method.
@@ -478,7 +477,7 @@ def parse_overrides(name: str, assignments: Iterable[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in assignments:
         key, sep, value = item.partition("=")
-        key = key.strip()
+        key = _ALIASES.get(key.strip(), key.strip())
         if not sep or not key:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set beta=0.2.")
         if key not in base:

@@ -205,6 +205,26 @@ def test_value_penalty_outer_gradient_is_retain_minus_rho_grad_h():
     np.testing.assert_allclose(np.asarray(new["w"]), expected, rtol=1e-5)
 
 
+def test_value_penalty_is_logged_as_the_inner_rise_of_h():
+    forget, retain = jax_losses(S)
+    beta = 0.4
+    method = bilevel.ofmu(
+        optax.sgd(0.1), optax.sgd(0.1), inner_steps=2, beta=beta, rho=0.5, penalty="value"
+    )
+    w0 = np.array([0.1, 0.2, 0.3])
+    _, _, metrics = method.update_fn(forget, retain)(
+        {"w": jnp.asarray(w0)}, method.init({"w": w0}), None
+    )
+    # Two plain gradient-ascent steps on h (SGD, lr 0.1), written out with numpy.
+    w = w0.copy()
+    for _ in range(2):
+        w = w + 0.1 * np_grad_h(w, S, beta, "cosine")
+    expected = np_h(w, S, beta, "cosine") - np_h(w0, S, beta, "cosine")
+    assert "penalty" in metrics
+    np.testing.assert_allclose(float(metrics["penalty"]), expected, rtol=1e-4, atol=1e-7)
+    assert expected > 0
+
+
 def test_bad_hyperparameters_are_rejected():
     for kwargs, match in [
         ({"inner_steps": -1}, "inner_steps"),

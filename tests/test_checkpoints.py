@@ -464,7 +464,9 @@ def test_convert_both_ways(saved, tmp_path):
     np.testing.assert_array_equal(
         _logits(checkpoints.load_model_orbax(orb)), _logits(checkpoints.load_pretrained(src))
     )
-    assert convert.main([str(orb), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    from jaxunlearn import cli
+
+    assert cli.main(["convert", str(orb), str(tmp_path / "hf"), "--to", "hf"]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     np.testing.assert_allclose(_torch_logits(back), ref, atol=ATOL, rtol=0)
     assert len(checkpoints.load_tokenizer(tmp_path / "hf")) == VOCAB

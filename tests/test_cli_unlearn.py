@@ -190,7 +190,9 @@ def test_idkdpo_defaults_to_the_packaged_refusals(workspace, tmp_path):
 
     parser = cli.build_parser()
     ns = parser.parse_args(args(workspace, tmp_path / "o", method="idkdpo"))
-    sampler, info = cli.prepare_data(ns, recipes.recipe("idkdpo"), load_tokenizer(ns.model))
+    from jaxunlearn.cli import unlearn as unlearn_command
+
+    sampler = unlearn_command.prepare_data(ns, recipes.recipe("idkdpo"), load_tokenizer(ns.model))
     batch = sampler.batch_at(0)
     assert set(batch) == {"forget", "alternate", "retain"}
     assert batch["alternate"]["input_ids"].shape[0] == 2
@@ -200,15 +202,14 @@ def test_idkdpo_defaults_to_the_packaged_refusals(workspace, tmp_path):
         batch["alternate"]["input_ids"][0][batch["alternate"]["attention_mask"][0] > 0]
     )
     assert text.startswith("Question")
-    assert info["format"] == "qa"
+    assert sampler.prompt_format == "qa"
 
 
 def test_top_level_help_and_hooks(capsys):
     assert cli.main([]) == 2
     help_text = capsys.readouterr().err
-    for name in ("unlearn", "eval", "convert"):
-        assert name in help_text
-    assert callable(cli.register_unlearn) and cli.register_unlearn in cli.SUBCOMMANDS
+    for name in ("unlearn", "eval", "convert", "demo", "sweep"):
+        assert name in help_text and name in cli.SUBCOMMANDS
 
 
 def test_one_shot_ssd_through_the_cli(workspace, tmp_path):

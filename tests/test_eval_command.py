@@ -1,4 +1,4 @@
-"""The ``jaxunlearn eval`` command (jaxunlearn.eval.command.main) end to end on a tiny model."""
+"""The ``jaxunlearn eval`` command (jaxunlearn.cli.eval) end to end on a tiny model."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from test_eval_mc import mc_rows
 from test_eval_tofu import tiny_checkpoint, tiny_tokenizer
 
-from jaxunlearn.eval import command
+from jaxunlearn import cli
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 def test_tofu_writes_eval_summary_and_markdown(model_dir, tmp_path, capsys):
     out = tmp_path / "run" / "TOFU_EVAL.json"
-    assert command.main(["--model", str(model_dir), *TOFU_ARGS, "--out", str(out)]) == 0
+    assert cli.main(["eval", "--model", str(model_dir), *TOFU_ARGS, "--out", str(out)]) == 0
     logs = json.loads(out.read_text())
     summary = json.loads((tmp_path / "run" / "TOFU_SUMMARY.json").read_text())
     markdown = (tmp_path / "run" / "TOFU_SUMMARY.md").read_text()
@@ -42,7 +42,7 @@ def test_tofu_writes_eval_summary_and_markdown(model_dir, tmp_path, capsys):
     # The run's own logs as the oracle: identical truth ratios, so the KS p-value is 1.
     again = tmp_path / "again.json"
     args = ["--model", str(model_dir), *TOFU_ARGS, "--retain-logs", str(out), "--out", str(again)]
-    assert command.main([*args, "--metrics", "forget_quality,privleak"]) == 0
+    assert cli.main(["eval", *args, "--metrics", "forget_quality,privleak"]) == 0
     summary = json.loads((tmp_path / "again_SUMMARY.json").read_text())
     assert summary["forget_quality"] == pytest.approx(1.0)
     assert summary["privleak"] == pytest.approx(0.0, abs=1e-6)  # same Min-K AUC as the oracle
@@ -57,8 +57,17 @@ def test_retain_logs_for_other_items_exit_with_the_ids(model_dir, tmp_path, caps
         )
     )
     out = tmp_path / "x_EVAL.json"
-    code = command.main(
-        ["--model", str(model_dir), *TOFU_ARGS, "--retain-logs", str(retain), "--out", str(out)]
+    code = cli.main(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            *TOFU_ARGS,
+            "--retain-logs",
+            str(retain),
+            "--out",
+            str(out),
+        ]
     )
     assert code == 2
     err = capsys.readouterr().err
@@ -85,7 +94,7 @@ def test_multiple_choice_file(model_dir, tmp_path):
         "--out",
         str(out),
     ]
-    assert command.main(args) == 0
+    assert cli.main(["eval", *args]) == 0
     summary = json.loads((tmp_path / "mc" / "WMDP_SUMMARY.json").read_text())
     per_item = json.loads(out.read_text())["wmdp_bio_acc"]["value_by_index"]
     assert summary["wmdp_bio_acc"] == pytest.approx(
@@ -94,12 +103,20 @@ def test_multiple_choice_file(model_dir, tmp_path):
 
 
 def test_argument_errors(model_dir, tmp_path):
-    with pytest.raises(SystemExit):
-        command.main(["--model", str(model_dir), "--benchmark", "muse", "--out", "x.json"])
-    with pytest.raises(SystemExit):
-        command.main(["--model", str(model_dir), *TOFU_ARGS, "--limit", "0", "--out", "x.json"])
-    code = command.main(
-        ["--model", str(tmp_path / "missing"), *TOFU_ARGS, "--out", str(tmp_path / "o.json")]
+    assert (
+        cli.main(["eval", "--model", str(model_dir), "--benchmark", "muse", "--out", "x.json"]) == 2
+    )
+    limit = ["--limit", "0", "--out", "x.json"]
+    assert cli.main(["eval", "--model", str(model_dir), *TOFU_ARGS, *limit]) == 2
+    code = cli.main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "missing"),
+            *TOFU_ARGS,
+            "--out",
+            str(tmp_path / "o.json"),
+        ]
     )
     assert code == 2
 
@@ -112,21 +129,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np
 sys.path.insert(0, "tests")
 from jaxunlearn import checkpoints, parallel
-from jaxunlearn.eval import runner
+from jaxunlearn.eval import inference
 path = sys.argv[1]
 tok = checkpoints.load_tokenizer(path)
 rows = [json.loads(l) for l in open("jaxunlearn/data/tofu/forget10_perturbed.json")][:5]
 items = [{"question": r["question"], "answer": r["answer"]} for r in rows]
 kw = dict(batch_size=4, buckets=(256,))
-plain = runner.score_items(checkpoints.load_pretrained(path), tok, items, "chat", stats=True, **kw)
-gens = runner.generate_answers(checkpoints.load_pretrained(path), tok,
+plain = inference.score_items(checkpoints.load_pretrained(path), tok, items, "chat", stats=True, **kw)
+gens = inference.generate_answers(checkpoints.load_pretrained(path), tok,
                                [r["question"] for r in rows], "chat", max_new_tokens=6, **kw)
 mesh = parallel.mesh(data=4, fsdp=2)
 model = checkpoints.load_pretrained(path, mesh=mesh)
-sharded = runner.score_items(model, tok, items, "chat", stats=True, mesh=mesh, **kw)
+sharded = inference.score_items(model, tok, items, "chat", stats=True, mesh=mesh, **kw)
 for a, b in zip(plain, sharded):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-assert runner.generate_answers(model, tok, [r["question"] for r in rows], "chat",
+assert inference.generate_answers(model, tok, [r["question"] for r in rows], "chat",
                                max_new_tokens=6, mesh=mesh, **kw) == gens
 print("OK", len(jax.devices()))
 """

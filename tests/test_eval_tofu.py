@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 from jaxunlearn import checkpoints
 from jaxunlearn.data import TOFU_DIR
-from jaxunlearn.eval import runner, tofu
+from jaxunlearn.eval import inference, tofu
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -399,7 +399,7 @@ def test_score_items_text_and_mesh(world):
     mesh = jax.sharding.Mesh(
         np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model")
     )
-    arrays = runner.score_items(
+    arrays = inference.score_items(
         model, tok, [{"text": t} for t in texts], batch_size=4, mesh=mesh, buckets=BUCKETS
     )
     assert arrays.logprob.dtype == np.float32

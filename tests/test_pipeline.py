@@ -245,10 +245,11 @@ def test_parse_grid_and_points():
 
 
 def test_sweep_rejects_unknown_hyperparameter(tmp_path):
-    from jaxunlearn.pipeline import sweep_main
+    from jaxunlearn import cli
 
-    code = sweep_main(
+    code = cli.main(
         [
+            "sweep",
             "--method",
             "npo",
             "--grid",

@@ -56,15 +56,20 @@ def test_every_method_builds_with_its_defaults():
 
 def test_needs_flags():
     r = recipes.recipe
-    assert r("npo").needs_reference and r("npo").needs_retain and not r("npo").needs_alternate
-    assert not r("simnpo").needs_reference
-    assert r("simnpo", retain_loss="kl").needs_reference
+    assert r("npo").needs_retain and not r("npo").needs_alternate
     assert r("idkdpo").needs_alternate and r("flat").needs_alternate
     assert not r("gradascent").needs_retain and not r("ceu").needs_retain
     undial = r("undial")  # alpha = 0: the retain pass is skipped entirely
     assert not undial.needs_retain and undial.objective.retain is None
     assert r("undial", alpha=1.0).needs_retain
-    assert r("gu_npo").split_grads and r("hamu").split_grads and not r("npo").split_grads
+    # GU and HAMU read retain gradients, and get them without a flag (train.wants_retain_grads)
+    params = {"w": np.zeros(3, np.float32)}
+    assert train.wants_retain_grads(r("gu_npo").tx, params)
+    assert train.wants_retain_grads(r("gu_npo", geometry="euclidean").tx, params)
+    assert train.wants_retain_grads(r("hamu").tx, params)
+    assert not train.wants_retain_grads(r("npo").tx, params)
+    # ... even at alpha = 0, when the retain term stays for its direction
+    assert r("gu_npo", alpha=0.0).objective.retain is not None
     assert r("ofmu").kind == "bilevel" and isinstance(r("ofmu").tx, bilevel.OFMU)
     assert r("ssd").kind == "one_shot"
 
@@ -213,7 +218,7 @@ def flat_params(model):
 def run(recipe, model, steps=2, **kwargs):
     return train.unlearn(
         model, recipe.objective, recipe.tx, data(recipe.needs_alternate), steps=steps,
-        split_grads=recipe.split_grads, progress=False, **kwargs,
+        progress=False, **kwargs,
     )  # fmt: skip
 
 

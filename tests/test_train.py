@@ -122,43 +122,86 @@ def test_step_matches_hand_written_step():
 
 
 def recording_transform():
-    """updates = -(g_f + 2 · retain_grads): distinguishes the two inputs."""
+    """updates = -(g_f + 2 · retain_weight · retain_grads): distinguishes the inputs."""
 
     def init(params):
         del params
         return optax.EmptyState()
 
-    def update(updates, state, params=None, *, retain_grads, **extra):
+    def update(updates, state, params=None, *, retain_grads, retain_weight=1.0, **extra):
         del params, extra
-        return jax.tree.map(lambda f, r: -(f + 2.0 * r), updates, retain_grads), state
+        out = jax.tree.map(lambda f, r: -(f + 2.0 * retain_weight * r), updates, retain_grads)
+        return out, state
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def test_split_grads_pass_weighted_forget_and_retain_gradients():
+def test_split_grads_pass_weighted_forget_and_unweighted_retain_gradients():
+    # No flag: the step finds out from the transformation that it reads retain_grads.
     model = Toy()
     batch = toy_batch(1, 0)
-    out, metrics, _ = run_step(
-        model, toy_objective(), recording_transform(), [batch], needs_split_grads=True
-    )
+    out, metrics, _ = run_step(model, toy_objective(), recording_transform(), [batch])
     p = {k: jnp.asarray(v) for k, v in plain_params(model).items()}
     g_f = jax.grad(lambda q: plain_loss(q, batch, alpha=0.0))(p)  # gamma · L_forget
-    g_r = jax.grad(lambda q: plain_loss(q, batch, gamma=0.0))(p)  # alpha · L_retain
+    g_r = jax.grad(lambda q: plain_loss(q, batch, gamma=0.0, alpha=1.0))(p)  # L_retain
     for name in ("kernel", "bias"):
-        expected = p[name] - (g_f[name] + 2.0 * g_r[name])
+        expected = p[name] - (g_f[name] + 2.0 * ALPHA * g_r[name])
         np.testing.assert_allclose(plain_params(out)[name], expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(
         float(metrics["forget_grad_norm"]), float(optax.global_norm(g_f)), rtol=1e-6
     )
+    np.testing.assert_allclose(
+        float(metrics["retain_grad_norm"]), float(optax.global_norm(g_r)), rtol=1e-6
+    )
+    assert float(metrics["retain_weight"]) == np.float32(ALPHA)
 
 
-def test_split_grads_rejects_a_plain_transformation():
-    graphdef, _, rest = train.split_model(Toy())
-    plain = optax.GradientTransformation(optax.sgd(0.1).init, optax.sgd(0.1).update)
-    with pytest.raises(ValueError, match="retain_grads"):
-        train.make_step(graphdef, rest, toy_objective(), plain, needs_split_grads=True)
+def test_wants_retain_grads_finds_the_transform_inside_any_chain():
+    from jaxunlearn import transforms
+
+    params = plain_params(Toy())
+    projection = transforms.retain_projection(rank=2, refresh_every=3)
+    assert train.wants_retain_grads(optax.chain(projection, optax.adamw(1e-3)), params)
+    nested = optax.chain(optax.clip_by_global_norm(1.0), optax.chain(optax.scale(1.0), projection))
+    assert train.wants_retain_grads(nested, params)
+    assert train.wants_retain_grads(transforms.hardness_aware(1e-3, 1e-4), params)
+    assert not train.wants_retain_grads(optax.adamw(1e-3), params)
+    assert not train.wants_retain_grads(optax.chain(optax.clip(1.0), optax.sgd(0.1)), params)
+
+
+def test_a_retain_transform_needs_a_split_objective():
+    graphdef, params, rest = train.split_model(Toy())
+    step = train.make_step(graphdef, rest, mse, recording_transform())
     with pytest.raises(ValueError, match="forget_loss"):
-        train.make_step(graphdef, rest, mse, optax.sgd(0.1), needs_split_grads=True)
+        step(jax.tree.map(jnp.copy, params), step.init(params), toy_batch(0, 0))
+    no_retain = objectives.forget_retain(ascent, None)
+    with pytest.raises(ValueError, match="no retain term"):
+        train.unlearn(Toy(), no_retain, recording_transform(), ToyData(), steps=1, progress=False)
+
+
+def test_gu_projection_still_projects_when_alpha_is_zero():
+    # With alpha = 0 the executed step must be orthogonal to the retain gradient (to first
+    # order the retain loss does not move); projecting off alpha · g_r = 0 would not do that.
+    from jaxunlearn import transforms
+
+    model = Toy()
+    batch = toy_batch(2, 0)
+    objective = objectives.forget_retain(ascent, mse, gamma=1.0, alpha=0.0)
+    tx = optax.chain(transforms.retain_projection(rank=1, refresh_every=1), optax.sgd(0.1))
+    out, metrics, _ = run_step(model, objective, tx, [batch])
+    p = {k: jnp.asarray(v) for k, v in plain_params(model).items()}
+    g_r = jax.grad(lambda q: plain_loss(q, batch, gamma=0.0, alpha=1.0))(p)
+    g_f = jax.grad(lambda q: plain_loss(q, batch, gamma=1.0, alpha=0.0))(p)
+    step = {k: plain_params(out)[k] - p[k] for k in p}
+    dot = sum(float(jnp.vdot(step[k], g_r[k])) for k in p)
+    norms = float(optax.global_norm(step)) * float(optax.global_norm(g_r))
+    assert abs(dot) <= 1e-5 * norms
+    # and it is the projected forget step: -lr · (g_f - <g_f, u> u), u = g_r / |g_r|
+    u = {k: g_r[k] / optax.global_norm(g_r) for k in p}
+    coef = sum(float(jnp.vdot(g_f[k], u[k])) for k in p)
+    for k in p:
+        np.testing.assert_allclose(step[k], -0.1 * (g_f[k] - coef * u[k]), rtol=1e-5, atol=1e-6)
+    assert float(metrics["retain_weight"]) == 0.0
 
 
 def test_accumulation_equals_full_batch_step():
@@ -334,6 +377,53 @@ def pdu_toy():
         retain_loss_eps=0.5,
         dual_step_size=0.3,
     )
+
+
+def test_pdu_dual_variable_moves_once_per_micro_batch_as_open_unlearning():
+    # open-unlearning updates lambda inside compute_loss, i.e. after every micro-batch, and
+    # each micro-batch's loss uses the lambda left by the one before. Written out plainly:
+    model, batch, eps, eta, lam0 = Toy(), toy_batch(4, 0, rows=8), 0.5, 0.3, 0.5
+    p = {k: jnp.asarray(v) for k, v in plain_params(model).items()}
+
+    def part_mse(q, b):
+        return ((b["x"] @ q["kernel"] + q["bias"] - b["y"]) ** 2).mean(-1).mean()
+
+    lam, grads = lam0, []
+    for k in range(4):  # micro-batch k holds rows k, k + 4 (see train.micro_batches)
+        b = {name: {key: v[k::4] for key, v in part.items()} for name, part in batch.items()}
+
+        def loss(q, b=b, lam=lam):
+            return -part_mse(q, b["forget"]) + lam * (part_mse(q, b["retain"]) - eps)
+
+        grads.append(jax.grad(loss)(p))
+        lam = max(0.0, lam + eta * (float(part_mse(p, b["retain"])) - eps))
+    mean_grad = jax.tree.map(lambda *g: sum(g) / 4, *grads)
+
+    objective = objectives.PrimalDual(
+        objectives.forget_retain(ascent, mse, gamma=1.0, alpha=lam0),
+        retain_loss_eps=eps, dual_step_size=eta,
+    )  # fmt: skip
+
+    def one_step(objective):
+        graphdef, params, rest = train.split_model(model)
+        step = train.make_step(graphdef, rest, objective, optax.sgd(1.0), micro_batches=4)
+        params = jax.tree.map(jnp.copy, params)
+        state = train.init_objective_state(objective)
+        params, _, state, _ = step(params, step.init(params), batch, state)
+        return nnx.merge(graphdef, params, rest), state
+
+    out, state = one_step(objective)
+    np.testing.assert_allclose(float(state.multiplier), lam, rtol=1e-5)
+    assert int(state.count) == 4
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(
+            plain_params(out)[name], p[name] - mean_grad[name], rtol=1e-5, atol=1e-6
+        )
+    per_step = objectives.PrimalDual(
+        objectives.forget_retain(ascent, mse, gamma=1.0, alpha=lam0),
+        retain_loss_eps=eps, dual_step_size=eta, dual_update="step",
+    )  # fmt: skip
+    assert int(one_step(per_step)[1].count) == 1
 
 
 def test_resume_after_interruption_reproduces_an_uninterrupted_run(tmp_path):

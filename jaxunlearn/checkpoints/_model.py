@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jaxunlearn._io import recover_interrupted_save, staging_path, swap_into_place
 
 CONFIG = "config.json"
 
@@ -187,7 +188,10 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     """Yields a temporary directory that becomes `path` only if the block succeeds.
 
     The temporary directory is a hidden sibling (same filesystem, so the final rename is
-    atomic); on any error it is deleted and `path` is left as it was. When `path` already
+    atomic); on any error it is deleted and `path` is left as it was. A complete directory
+    stays at `path` at every instant where the kernel can swap two directories atomically
+    (Linux); elsewhere a crash between the two renames is repaired by the next save (or
+    `jaxunlearn._io.recover_interrupted_save`), as are leftovers of killed saves. When `path` already
     exists, its config and weights are replaced and its other files (tokenizer, generation
     config, ...) are kept unless the new save wrote them too, as `transformers` does. With
     several hosts, every host gets the same path and process 0 does the renames.
@@ -213,8 +217,10 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
                 "overwrite=True to write the checkpoint into it anyway (other files are kept)."
             )
     leader = jax.process_index() == 0
-    tmp = dst.parent / f".{dst.name}.tmp-{_shared_token()}"
+    token = _shared_token()
+    tmp = staging_path(dst, "tmp", token)
     if leader:
+        recover_interrupted_save(dst)
         tmp.mkdir(parents=True)
     _barrier(f"jaxunlearn-mkdir-{tmp.name}")
     try:
@@ -223,13 +229,11 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
         if leader:
             if dst.is_dir():
                 _carry_over(dst, tmp)
-                old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(dst, old)
-                os.rename(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dst)
-        _barrier(f"jaxunlearn-renamed-{tmp.name}")
+            ready = staging_path(dst, "ready", token)
+            os.rename(tmp, ready)  # complete: from here on a crash is recoverable
+            tmp = ready
+            swap_into_place(ready, dst)
+        _barrier(f"jaxunlearn-renamed-{token}")
     except BaseException:
         if leader:
             shutil.rmtree(tmp, ignore_errors=True)

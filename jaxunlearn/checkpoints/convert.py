@@ -1,16 +1,14 @@
 """Convert model checkpoints between Hugging Face directories and orbax, both ways.
 
-Used as ``jaxunlearn convert SRC DST --to orbax|hf``. Weights keep their stored dtype
+The library side of ``jaxunlearn convert SRC DST --to orbax|hf`` (`jaxunlearn.cli.convert`). Weights keep their stored dtype
 unless ``--dtype`` says otherwise; tokenizer and generation files are copied along, and the
 destination appears atomically.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,36 +78,3 @@ def convert(
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
     return Path(dst)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``jaxunlearn convert SRC DST --to orbax|hf [--dtype D] [--overwrite] [--allow-pickle]``."""
-    parser = argparse.ArgumentParser(
-        prog="jaxunlearn convert",
-        description="Convert a model between a Hugging Face directory and an orbax checkpoint.",
-    )
-    parser.add_argument("src", help="source checkpoint directory")
-    parser.add_argument("dst", help="destination directory (written atomically)")
-    parser.add_argument("--to", choices=FORMATS, required=True, help="destination format")
-    parser.add_argument(
-        "--dtype", default=None, help="store weights as e.g. float32 or bfloat16 (default: keep)"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace DST even if it holds other files"
-    )
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="accept pytorch_model.bin weights (unpickling can run arbitrary code)",
-    )
-    args = parser.parse_args(argv)
-    out = convert(
-        args.src,
-        args.dst,
-        to=args.to,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
-    )
-    print(f"wrote {args.to} checkpoint to {out}")
-    return 0

@@ -10,8 +10,8 @@ the model port's business (`jaxunlearn.models.hf_param_map`); this module only m
 Example:
   >>> import jaxunlearn as ju
   >>> mesh = ju.parallel.mesh(data=1, fsdp=-1)  # parameters split over every device
-  >>> model = ju.load_pretrained("path/to/hf-dir", mesh=mesh)  # doctest: +SKIP
-  >>> ju.save_pretrained(model, "out/unlearned")  # doctest: +SKIP
+  >>> model = ju.load_pretrained("path/to/hf-dir", mesh=mesh)
+  >>> path = ju.save_pretrained(model, "out/unlearned")
 """
 
 from __future__ import annotations

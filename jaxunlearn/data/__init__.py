@@ -6,6 +6,8 @@ Everything here is host-side numpy; the training step shards the global batches 
   `load_multiple_choice` (WMDP/MMLU form), `read_jsonl_records` (a user's forget/retain file).
 - Prompt formats ("chat", "llama2", "qa", "raw") and answer-only labels: `prompt_format`,
   `tokenize_qa`, `tokenize_text`, `tokenize_records`, `encode_prompt`.
+- Your own data in one call: `forget_retain(tokenizer, forget, retain, ...)` takes records, a
+  JSON Lines path or a `datasets.Dataset` and returns the sampler `jaxunlearn.unlearn` consumes.
 - Batches: `pad_to_bucket` (fixed length buckets), `ForgetRetainSampler` /
   `forget_retain_batches` (order a pure function of (seed, step)), `check_overlap`.
 """
@@ -41,6 +43,7 @@ from jaxunlearn.data.sampling import (
     forget_retain_batches,
     idk_alternates,
 )
+from jaxunlearn.data.unlearning import default_format, forget_retain, power_of_two_buckets
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -57,6 +60,8 @@ __all__ = [
     "check_overlap",
     "chunk_text",
     "encode_prompt",
+    "default_format",
+    "forget_retain",
     "forget_retain_batches",
     "idk_alternates",
     "load_idk",
@@ -64,6 +69,7 @@ __all__ = [
     "load_muse",
     "load_tofu",
     "pad_to_bucket",
+    "power_of_two_buckets",
     "prompt_format",
     "read_jsonl_records",
     "tofu_holdout_split",

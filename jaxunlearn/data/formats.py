@@ -24,9 +24,9 @@ open-unlearning border is one override away: `prompt_format("qa", assistant_star
 answer_prefix="")`.
 
 Labels follow open-unlearning's `preprocess_chat_instance` (`src/data/utils.py`) and
-evaluation.md section 0: tokenise the prompt and the full text separately, set labels to -100
-over the first len(prompt_ids) positions, append EOS to the full text unless it already ends
-with EOS; the EOS is scored.
+locuslab/tofu's `convert_raw_data_to_model_format`: tokenise the prompt and the full text
+separately, set labels to -100 over the first len(prompt_ids) positions, append EOS to the
+full text unless it already ends with EOS; the EOS is scored.
 """
 
 from __future__ import annotations
@@ -358,7 +358,8 @@ def tokenize_records(
     *,
     question_key: str = "question",
     answer_key: str = "answer",
-) -> list[dict[str, np.ndarray]]:
+    with_indices: bool = False,
+) -> list[dict[str, np.ndarray]] | tuple[list[dict[str, np.ndarray]], list[int]]:
     """Tokenises {question, answer} or {text} records, skipping items with nothing to score.
 
     Args:
@@ -369,15 +370,17 @@ def tokenize_records(
       max_length: the most tokens per item.
       question_key: field holding the question.
       answer_key: field holding the answer.
+      with_indices: also return the index of the record each example came from.
 
     Returns:
-      One {"input_ids", "labels"} example per record that has at least one scored token.
+      One {"input_ids", "labels"} example per record that has at least one scored token;
+      with `with_indices`, ``(examples, record_indices)``.
 
     Raises:
       ValueError: a record has neither the QA fields nor "text".
     """
     fmt = prompt_format(fmt)
-    examples, skipped, unclean = [], [], 0
+    examples, kept, skipped, unclean = [], [], [], 0
     for index, record in enumerate(records):
         if question_key in record and answer_key in record:
             example, clean_border = _tokenize_qa(
@@ -393,6 +396,7 @@ def tokenize_records(
             )
         if np.any(example["labels"] != IGNORE_INDEX):
             examples.append(example)
+            kept.append(index)
         else:
             skipped.append(index)
     if unclean:
@@ -403,7 +407,7 @@ def tokenize_records(
             f"(indices {skipped[:10]}{'...' if len(skipped) > 10 else ''}); raise max_length",
             stacklevel=2,
         )
-    return examples
+    return (examples, kept) if with_indices else examples
 
 
 def chunk_text(
@@ -412,8 +416,8 @@ def chunk_text(
     """Joins texts and cuts them into pieces of `chunk_tokens` tokens, for corpus-style forget sets.
 
     MUSE's raw forget/retain corpora are whole articles; open-unlearning trains on 2048-token
-    chunks of them (evaluation.md section 2.1). Each chunk is decoded back to text so it can be
-    tokenised like any {text} item (re-tokenising may shift a token at a chunk border).
+    chunks of them. Each chunk is decoded back to text so it can be tokenised like any {text}
+    item (re-tokenising may shift a token at a chunk border).
 
     Args:
       tokenizer: a Hugging Face tokenizer.

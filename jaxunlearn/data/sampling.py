@@ -16,11 +16,13 @@ data cursor is the step). The global batch is built on the host; sharding happen
 
 References:
   open-unlearning, `src/data/unlearn.py` (ForgetRetainDataset), `src/data/qa.py`
-  (QAwithIdkDataset); methods.md sections 3 and 5.6.
+  (QAwithIdkDataset), `configs/experiment/unlearn/tofu/idk.yaml`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -179,6 +181,8 @@ class ForgetRetainSampler:
       drop_last: False (open-unlearning's default): the last step of an epoch takes the
         remaining N_forget mod batch_size items (one more batch shape); True: every batch is
         full and the few items left over in an epoch's permutation wait for the next epoch's.
+      prompt_format: the prompt format the examples were tokenised with (recorded for
+        provenance; `data.forget_retain` sets it).
 
     Raises:
       ValueError: empty forget or retain set, bad batch size or seed, or alternates of another
@@ -198,6 +202,7 @@ class ForgetRetainSampler:
         side: str = "right",
         ou_eos_masking: bool = False,
         drop_last: bool = False,
+        prompt_format: str | None = None,
     ):
         if len(forget) == 0:
             raise ValueError(
@@ -221,6 +226,7 @@ class ForgetRetainSampler:
             )
         self.forget, self.retain, self.alternates = forget, retain, alternates
         self.batch_size, self.seed, self.drop_last = int(batch_size), int(seed), drop_last
+        self.prompt_format = prompt_format
         self._pad = {
             "buckets": tuple(buckets),
             "pad_id": pad_id,
@@ -299,6 +305,50 @@ class ForgetRetainSampler:
 
     def __iter__(self) -> Iterator[dict[str, dict[str, np.ndarray]]]:
         return self.batches()
+
+    def fingerprint(self) -> str:
+        """A digest of everything `batch_at` depends on: the items' token ids and labels, the
+        alternates, batch size, seed and padding (16 hex digits). A checkpoint records it, so a
+        run is never resumed on other data."""
+        h = hashlib.sha256()
+        settings = {"batch_size": self.batch_size, "seed": self.seed, "drop_last": self.drop_last}
+        h.update(json.dumps({**settings, **self._pad}, sort_keys=True, default=str).encode())
+        for part in (self.forget, self.retain or ()):
+            h.update(b"#")
+            for example in part:
+                h.update(np.asarray(example["input_ids"], np.int64).tobytes() + b"|")
+                h.update(np.asarray(example["labels"], np.int64).tobytes() + b"|")
+        alternates = self.alternates
+        if isinstance(alternates, AlternateAnswers):
+            record = [alternates._questions, alternates._answers]
+            h.update(json.dumps(record, default=str).encode())
+        elif alternates is not None:
+            for item in range(len(alternates)):
+                for k in range(alternates.num_candidates(item)):
+                    h.update(np.asarray(alternates.example(item, k)["input_ids"]).tobytes())
+        return h.hexdigest()[:16]
+
+    def sequential_batches(self, part: str) -> list[dict[str, np.ndarray]]:
+        """Consecutive batches of `batch_size` items of one part, in order, all of one size.
+
+        For passes over a whole set (SSD's Fisher diagonals, whose batch-mean convention
+        depends on the batch size): the last partial batch is dropped unless it is the only
+        one.
+
+        Args:
+          part: "forget", "retain", or "full" (retain then forget: the training data).
+        """
+        sets = {"forget": self.forget, "retain": self.retain or []}
+        examples = [*sets["retain"], *sets["forget"]] if part == "full" else sets.get(part)
+        if examples is None:
+            raise ValueError(f"part must be 'forget', 'retain' or 'full', got {part!r}")
+        if not examples:
+            raise ValueError(f"no {part} examples: the sampler has no retain set")
+        size = min(self.batch_size, len(examples))
+        return [
+            pad_to_bucket(examples[i : i + size], **self._pad)
+            for i in range(0, len(examples) - size + 1, size)
+        ]
 
 
 def forget_retain_batches(

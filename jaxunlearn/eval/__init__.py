@@ -3,11 +3,12 @@
 `metrics` turns per-token scores (`jaxunlearn.scores.TokenScores`) and per-item values into
 the benchmark numbers, `mia` holds the membership-inference scores, AUC and PrivLeak, and
 `report` reads and writes `*_EVAL.json` / `*_SUMMARY.json` logs compatible with
-open-unlearning. Conventions and their sources: `reference/evaluation.md` and the module
-docstrings.
+open-unlearning. Conventions and their sources (papers and public code) are given in the
+module docstrings.
 """
 
 from jaxunlearn.eval import metrics, mia, report
+from jaxunlearn.eval.inference import EvalResult, TokenArrays, generate_answers, score_items
 from jaxunlearn.eval.metrics import (
     EPS,
     MODEL_UTILITY_KEYS,
@@ -63,7 +64,6 @@ from jaxunlearn.eval.report import (
     truth_ratio_result,
     write_eval_logs,
 )
-from jaxunlearn.eval.runner import EvalResult, TokenArrays, generate_answers, score_items
 from jaxunlearn.eval.tofu import evaluate_tofu
 
 __all__ = [

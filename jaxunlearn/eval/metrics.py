@@ -5,30 +5,35 @@ Per-token functions (`length_normalised_loss`, `extraction_strength`, ...) take 
 `jaxunlearn.scores.TokenScores`), run under `jax.jit`, and return one value per item.
 Per-item functions (`truth_ratio`, `forget_quality`, ...) take those per-item values and compute
 in float64 numpy / scipy, because the aggregates (KS p-values far below 1e-100, harmonic means)
-are what the reference numbers in `evaluation.md` section 8 were produced with.
-
-Section numbers below refer to `reference/evaluation.md`.
+are what open-unlearning's reference numbers (`docs/repro.md`) were produced with.
 
 Parity with open-unlearning (OU, commit d3d7cf9) and muse_bench (MB):
 
-Matched (so numbers are comparable with evaluation.md s.8):
-  - Pbar = exp(-mean NLL over the answer tokens *including* EOS) (s.0, s.1.2).
-  - Perturbed answers are averaged in loss space before exponentiating (s.1.2).
+Matched (so numbers are comparable with OU's `docs/repro.md`):
+  - Pbar = exp(-mean NLL over the answer tokens *including* EOS) (OU
+    `metrics/utils.py::evaluate_probability`).
+  - Perturbed answers are averaged in loss space before exponentiating (OU
+    `metrics/utils.py::aggregate_to_1D`).
   - TR = Pbar_pert / (Pbar_c + 1e-10); closer_to_1 = mean(min(R, 1/(R + 1e-10))); option
     prob = Pbar_c / (Pbar_c + sum Pbar_p + 1e-10): OU's 1e-10 epsilons.
-  - KS on raw R with scipy's default `method='auto'` (s.1.3, s.9.6).
+  - KS on raw R with scipy's default `method='auto'` (OU `privacy.py::ks_test`).
   - ES / EM (and the token-wise MIAs in `mia.py`) drop the final, EOS, label (`drop_last`).
-  - ES with no matching suffix is 1/|a|, not 0 (OU loop quirk, s.1.5); ES with zero answer
-    tokens is 0 and EM is NaN (OU: 0 and None).
-  - pad = eos attention masking (s.0) lives in the data layer: metrics only see the mask.
+  - ES with no matching suffix is 1/|a|, not 0 (OU loop quirk, `memorization.py`); ES with
+    zero answer tokens is 0 and EM is NaN (OU: 0 and None).
+Differs (optional parity flag):
+  - Attention mask. OU's collator sets attention_mask = (input_ids != pad_id) and, with
+    pad = eos, this also masks every EOS-valued token inside prompts (Llama-3's
+    `<|eot_id|>`). jaxunlearn masks only padding by default; `ou_eos_masking=True` in
+    `evaluate_tofu` (`jaxunlearn eval --ou-eos-masking`) reproduces OU. Masking lives in the
+    data layer: metrics only see the mask.
 Deliberately different:
   - OU pairs truth ratios with item ids by `zip` *after* dropping items whose answer has no
     tokens, which shifts every later id. Here per-item arrays keep their positions (such an
     item gets NaN) and `report.forget_quality_from_logs` aligns by id, so FQ cannot silently
     compare the wrong items.
   - `model_utility` refuses a missing input; OU's `hm_aggregate` takes whatever it was given.
-  - MUSE ROUGE (s.2.2): MB uses no stemmer and x100, OU the stemmer and 0-1. Both are
-    available; defaults follow OU.
+  - MUSE ROUGE: MB uses no stemmer and x100, OU the stemmer and 0-1. Both are available;
+    defaults follow OU.
 """
 
 from collections.abc import Mapping, Sequence
@@ -38,7 +43,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 # The nine inputs of TOFU model utility, under the metric names open-unlearning writes in
-# TOFU_EVAL.json (`configs/eval/tofu_metrics/model_utility.yaml`), evaluation.md s.1.4.
+# TOFU_EVAL.json (`configs/eval/tofu_metrics/model_utility.yaml`).
 MODEL_UTILITY_KEYS: tuple[str, ...] = (
     "retain_Q_A_Prob",
     "retain_Q_A_ROUGE",
@@ -66,7 +71,7 @@ def drop_last_label(mask: Float[ArrayLike, "*batch seq"]) -> Float[Array, "*batc
 
     open-unlearning's token-wise metrics (MIA, extraction strength, exact memorisation) take
     `labels != -100` positions and drop the last one, which is the EOS label appended to every
-    example (evaluation.md s.0, "Token-level metrics drop EOS").
+    example.
 
     Args:
       mask: [..., T] 1 where the label is scored.
@@ -90,7 +95,7 @@ def length_normalised_loss(
     *,
     drop_last: bool = False,
 ) -> Float[Array, "*batch"]:
-    """Lbar(a|q): mean token NLL over the scored labels (evaluation.md s.0).
+    """Lbar(a|q): mean token NLL over the scored labels (open-unlearning `evaluate_probability`).
 
     Args:
       logprob: [..., T] log p(label) per position.
@@ -110,7 +115,7 @@ def length_normalised_prob(
     logprob: Float[ArrayLike, "*batch seq"],
     mask: Float[ArrayLike, "*batch seq"],
 ) -> Float[Array, "*batch"]:
-    """Pbar(a|q) = exp(-Lbar(a|q)), the geometric-mean token probability (s.0, s.1.2 Prob).
+    """Pbar(a|q) = exp(-Lbar(a|q)), the geometric-mean token probability (TOFU "Prob").
 
     The EOS label is included, as in open-unlearning `evaluate_probability` and TOFU
     `get_batch_loss`.
@@ -133,7 +138,7 @@ def exact_memorisation(
 ) -> Float[Array, "*batch"]:
     """Exact memorisation: fraction of answer tokens whose teacher-forced argmax is the label.
 
-    evaluation.md s.1.5; open-unlearning `memorization.py::exact_memorization`.
+    open-unlearning `memorization.py::exact_memorization`.
 
     Args:
       argmax_match: [..., T] 1 where argmax_v p(v | prefix) == label.
@@ -154,7 +159,7 @@ def extraction_strength(
     *,
     drop_last: bool = True,
 ) -> Float[Array, "*batch"]:
-    """Extraction strength ES = 1 - k*/|a| (evaluation.md s.1.5).
+    """Extraction strength ES = 1 - k*/|a| (open-unlearning `memorization.py::extraction_strength`).
 
     k* is the smallest k such that the teacher-forced argmax predictions equal the labels on
     every answer token from k on. open-unlearning finds k* with `for k in range(n): if
@@ -199,7 +204,7 @@ def multi_answer_mean_loss(
     losses: Float[ArrayLike, "batch answers"],
     answer_mask: Float[ArrayLike, "batch answers"] | None = None,
 ) -> np.ndarray:
-    """Averages several answers' Lbar per item in loss space (evaluation.md s.1.2).
+    """Averages several answers' Lbar per item in loss space.
 
     open-unlearning `aggregate_to_1D` over `avg_loss` before exponentiating, so the result is
     -log of the geometric mean of the answers' Pbar.
@@ -332,8 +337,8 @@ def model_utility(
 ) -> float:
     """TOFU model utility: harmonic mean (`scipy.stats.hmean`) of the nine utility values.
 
-    evaluation.md s.1.4; open-unlearning `utility.py::hm_aggregate`. Any other entries of
-    `values` (e.g. a whole summary dict) are ignored.
+    open-unlearning `utility.py::hm_aggregate`. Any other entries of `values` (e.g. a whole
+    summary dict) are ignored.
 
     Args:
       values: metric name -> aggregate value; must hold every name in `keys`.
@@ -369,7 +374,7 @@ def rouge_scores(
     *,
     stemmer: bool = True,
 ) -> list[dict[str, float]]:
-    """ROUGE-1 / ROUGE-L per item with Google `rouge_score` (s.1.2 ROUGE, s.2.2).
+    """ROUGE-1 / ROUGE-L per item with Google `rouge_score` (TOFU and MUSE ROUGE).
 
     `RougeScorer(['rouge1', 'rougeL'], use_stemmer=stemmer).score(target=gt, prediction=gen)`,
     exactly as open-unlearning `eval_text_similarity` and TOFU `eval_rouge_recall`.
@@ -408,7 +413,7 @@ def rouge_l(
     kind: str = "recall",
     stemmer: bool = True,
 ) -> np.ndarray:
-    """ROUGE-L per item: `kind="recall"` for TOFU, `"f1"` for MUSE (s.1.2, s.2.2, s.9.5).
+    """ROUGE-L per item: `kind="recall"` for TOFU, `"f1"` for MUSE.
 
     Args:
       generations: model outputs, already cut at EOS and stop strings.

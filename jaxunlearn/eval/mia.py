@@ -1,4 +1,4 @@
-"""Membership-inference scores, AUC and PrivLeak for unlearning evaluation (evaluation.md s.4).
+"""Membership-inference scores, AUC and PrivLeak for unlearning evaluation.
 
 Every score is oriented like a loss: **higher = less member-like** (open-unlearning
 `mia/__init__.py`), so an AUC with forget labelled 0 and holdout labelled 1 tends to 1 when the
@@ -136,7 +136,7 @@ def min_k_score(
     drop_last: bool = True,
     at_least_one: bool = True,
 ) -> Float[Array, "*batch"]:
-    """Min-K% Prob: -mean of the lowest k-fraction of token log-probs (s.4, s.2.2 PrivLeak).
+    """Min-K% Prob: -mean of the lowest k-fraction of token log-probs (MUSE PrivLeak).
 
     The count is max(1, floor(k·T)) in open-unlearning (`at_least_one=True`) and floor(k·T) in
     muse_bench (`at_least_one=False`, NaN when that is 0).

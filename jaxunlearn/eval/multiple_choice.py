@@ -6,7 +6,8 @@ Each item {question, choices, answer} becomes the context
 
 with description `"The following are multiple choice questions (with answers) about
 {subject}.\\n\\n"`, and each choice is the continuation `" A"`, `" B"`, ... (lm-eval's
-`multiple_choice` output type, `target_delimiter=" "`; evaluation.md s.3.2). The prediction is
+`multiple_choice` output type, `target_delimiter=" "`; EleutherAI/lm-evaluation-harness
+`lm_eval/tasks/wmdp/_default_template_yaml`, `lm_eval/api/task.py`). The prediction is
 the choice with the highest log-likelihood log P(continuation | context); accuracy is the mean
 of prediction == answer.
 
@@ -40,14 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxunlearn import parallel
 from jaxunlearn.data import IGNORE_INDEX, load_multiple_choice, pad_to_bucket
 from jaxunlearn.eval import report
-from jaxunlearn.eval.runner import (
+from jaxunlearn.eval.inference import (
     EVAL_BUCKETS,
     EvalResult,
     _fill,
     _groups,
-    _place,
     _ways,
     make_result,
     pad_token_id,
@@ -143,7 +144,7 @@ def description(subject: str | None) -> str:
 
 
 def context_text(question: str, choices: Sequence[str], subject: str | None = None) -> str:
-    """The lm-eval MMLU / WMDP context for one item (evaluation.md s.3.2)."""
+    """The lm-eval MMLU / WMDP context for one item (EleutherAI/lm-evaluation-harness)."""
     if len(choices) > len(LETTERS):
         raise ValueError(f"at most {len(LETTERS)} choices are supported, got {len(choices)}")
     lines = [question.strip(), *(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)), "Answer:"]
@@ -269,7 +270,7 @@ def _single_token(model, contexts_ids, choice_ids, batch_size, buckets, mesh, pa
             "last": np.asarray([lengths[i] - 1 for i in filled], np.int32),
             "choice_ids": np.asarray([choice_ids[i] for i in filled], np.int32),
         }
-        batch = _place(batch, mesh)
+        batch = parallel.place_batch(batch, mesh)
         out = _choice_logprobs(state, **batch, graphdef=graphdef)
         pending.append((indices, out))
     for indices, out in pending:
@@ -291,7 +292,7 @@ def evaluate_multiple_choice(
     add_special_tokens: bool = False,
     model_path: str | None = None,
 ) -> EvalResult:
-    """Zero-shot accuracy on multiple-choice items (WMDP / MMLU protocol, evaluation.md s.3).
+    """Zero-shot accuracy on multiple-choice items (lm-evaluation-harness WMDP / MMLU protocol).
 
     Args:
       model: the jaxunlearn causal LM to evaluate.

@@ -2,7 +2,7 @@
 
 `evaluate_muse` follows muse_bench (`eval.py`, `metrics/{verbmem,knowmem,privleak}.py`,
 commit fcd6651) for what is generated and scored, and writes open-unlearning's metric names
-and layout (`configs/eval/muse_metrics/*.yaml`, `MUSE_EVAL.json`), evaluation.md s.2:
+and layout (`configs/eval/muse_metrics/*.yaml`, `MUSE_EVAL.json`); MUSE paper arXiv 2407.06460:
 
 - forget/retain_knowmem_ROUGE (`knowmem/{forget,retain}_qa` with the 10 ICL pairs of
   `*_qa_icl`): the prompt is the ICL pairs as `"Question: {q}\nAnswer: {a}\n\n"`, then
@@ -47,7 +47,7 @@ from flax import nnx
 from jaxunlearn.data import IGNORE_INDEX, load_muse
 from jaxunlearn.eval import metrics as M
 from jaxunlearn.eval import mia, report
-from jaxunlearn.eval.runner import (
+from jaxunlearn.eval.inference import (
     EVAL_BUCKETS,
     EvalResult,
     generate_answers,
@@ -120,7 +120,7 @@ def evaluate_muse(
     reference_model: nnx.Module | None = None,
     model_path: str | None = None,
 ) -> EvalResult:
-    """Evaluates a model on MUSE (evaluation.md s.2; module docstring for the protocol).
+    """Evaluates a model on MUSE (arXiv 2407.06460; module docstring for the protocol).
 
     Args:
       model: the jaxunlearn causal LM to evaluate.

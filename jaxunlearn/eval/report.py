@@ -4,8 +4,8 @@ Files written by `write_eval_logs(logs, out_dir, name)` (name e.g. "TOFU" or "MU
 
 - `{name}_EVAL.json`: `{metric: {"agg_value": float | None, "value_by_index": {"<id>": {...}}}}`,
   the layout of open-unlearning's `Evaluator.save_logs` (keys sorted, indent 4), so either
-  side can read the other's logs as an oracle (evaluation.md s.9.1-2). What each metric keeps
-  per item, as in open-unlearning (commit d3d7cf9):
+  side can read the other's logs as an oracle. What each metric keeps per item, as in
+  open-unlearning (commit d3d7cf9):
 
   | metric kind | per-item dict |
   |---|---|
@@ -33,7 +33,6 @@ All files are written atomically: a temporary file in the same folder, fsync, `o
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -42,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxunlearn._io import atomic_write_text, jsonable
 from jaxunlearn.eval.metrics import (
     forget_quality,
     truth_ratio_closer_to_1,
@@ -60,22 +60,6 @@ Logs = dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- JSON values
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain-JSON copy of x: numpy / jax scalars and arrays to Python, NaN and inf to None."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, str) or x is None or isinstance(x, bool):
-        return x
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "shape") and hasattr(x, "dtype"):  # numpy or jax array / scalar
-        arr = np.asarray(x)
-        return _jsonable(arr.tolist()) if arr.ndim else _jsonable(arr.item())
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    return x
 
 
 def _ids(n: int, ids: Sequence[Any] | None) -> list[str]:
@@ -132,7 +116,7 @@ def metric_result(
     for i, name in enumerate(names):
         by_index[name] = {key: arr[i], **{field: column[i] for field, column in extra.items()}}
     agg = _finite_mean(arr) if agg_value is None else agg_value
-    return _jsonable({"agg_value": agg, "value_by_index": by_index})
+    return jsonable({"agg_value": agg, "value_by_index": by_index})
 
 
 def probability_result(avg_loss: Any, *, ids: Sequence[Any] | None = None) -> Logs:
@@ -150,7 +134,7 @@ def probability_result(avg_loss: Any, *, ids: Sequence[Any] | None = None) -> Lo
     prob = np.exp(-loss)
     names = _ids(loss.shape[0], ids)
     by_index = {n: {"prob": prob[i], "avg_loss": loss[i]} for i, n in enumerate(names)}
-    return _jsonable({"agg_value": _finite_mean(prob), "value_by_index": by_index})
+    return jsonable({"agg_value": _finite_mean(prob), "value_by_index": by_index})
 
 
 def truth_ratio_result(
@@ -159,7 +143,9 @@ def truth_ratio_result(
     *,
     ids: Sequence[Any] | None = None,
 ) -> Logs:
-    """open-unlearning `truth_ratio` entry: per item `{"score": R}` (evaluation.md s.1.2).
+    """open-unlearning `truth_ratio` entry: per item `{"score": R}`.
+
+    As open-unlearning `memorization.py::truth_ratio`.
 
     Args:
       ratios: [N] truth ratios (`metrics.truth_ratio`).
@@ -207,7 +193,7 @@ def rouge_result(
                 entry[field] = column[i]
         by_index[name] = entry
     agg = _finite_mean([s[rouge_type] for s in scores])
-    return _jsonable({"agg_value": agg, "value_by_index": by_index})
+    return jsonable({"agg_value": agg, "value_by_index": by_index})
 
 
 def mia_result(
@@ -225,7 +211,7 @@ def mia_result(
       forget_ids, holdout_ids: item ids of each side.
     """
     auc = mia_auc(forget_scores, holdout_scores)
-    return _jsonable(
+    return jsonable(
         {
             "forget": metric_result(forget_scores, ids=forget_ids),
             "holdout": metric_result(holdout_scores, ids=holdout_ids),
@@ -259,7 +245,7 @@ def eval_metadata(
     """
     from jaxunlearn import __version__
 
-    return _jsonable(
+    return jsonable(
         {
             "benchmark": benchmark,
             "model_path": str(model_path),
@@ -290,7 +276,7 @@ def summarize(logs: Mapping[str, Any], metrics: Iterable[str] | None = None) -> 
         agg = entry.get("agg_value")
         if agg is not None:
             out[name] = agg
-    return _jsonable(out)
+    return jsonable(out)
 
 
 def summary_markdown(
@@ -311,26 +297,6 @@ def summary_markdown(
             f"| {name} | {v:.4g} |" if isinstance(v, (int, float)) else f"| {name} | {v} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes text to path via a temporary file in the same folder and `os.replace`.
-
-    A crash leaves either the old file or the new one, never a truncated file that parses.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_eval_logs(
@@ -358,9 +324,9 @@ def write_eval_logs(
         raise TypeError(
             f"logs must be a mapping of metric name -> entry, got {type(logs).__name__}."
         )
-    full = _jsonable(dict(logs))
+    full = jsonable(dict(logs))
     if metadata is not None:
-        full[METADATA_KEY] = _jsonable(dict(metadata))
+        full[METADATA_KEY] = jsonable(dict(metadata))
     full = dict(sorted(full.items()))
     summary = summarize(full, summary_metrics)
     out = Path(out_dir)
@@ -369,7 +335,7 @@ def write_eval_logs(
         "summary": out / f"{name}_SUMMARY.json",
         "markdown": out / f"{name}_SUMMARY.md",
     }
-    # allow_nan=False: a NaN that slipped past _jsonable would make non-standard JSON.
+    # allow_nan=False: a NaN that slipped past jsonable would make non-standard JSON.
     atomic_write_text(paths["eval"], json.dumps(full, indent=4, allow_nan=False))
     atomic_write_text(paths["summary"], json.dumps(summary, indent=4, allow_nan=False))
     atomic_write_text(
@@ -450,7 +416,9 @@ def forget_quality_from_logs(
     key: str = "forget_truth_ratio",
     field: str = "score",
 ) -> float:
-    """Forget quality of our logs against a retain model's logs (evaluation.md s.1.3).
+    """Forget quality of our logs against a retain model's logs.
+
+    As open-unlearning `privacy.py::ks_test`.
 
     Reads `key.value_by_index[*][field]` from both (open-unlearning's `forget_quality` reads
     the retain model's `forget_truth_ratio`), requires the same item ids on both sides, and
@@ -488,7 +456,9 @@ def privleak_from_logs(
     *,
     key: str = "mia_min_k",
 ) -> float:
-    """PrivLeak from our `mia_min_k` AUC and the retain model's (evaluation.md s.4).
+    """PrivLeak from our `mia_min_k` AUC and the retain model's.
+
+    As open-unlearning `privacy.py::privleak`.
 
     Without retain logs (or without `key` in them) open-unlearning's fallback retain AUC 0.5
     is used, as its `privleak` metric does.

@@ -2,7 +2,7 @@
 
 `evaluate_tofu` scores and generates with the model over the TOFU evaluation splits and
 returns logs shaped like open-unlearning's `TOFU_EVAL.json` (commit d3d7cf9), so either side
-can serve as the other's oracle. Splits (evaluation.md s.1.1, open-unlearning
+can serve as the other's oracle. Splits (Hugging Face `locuslab/TOFU`, open-unlearning
 `configs/eval/tofu_metrics/*.yaml`):
 
 | logs prefix | split | "correct" answer for the truth ratio |
@@ -54,7 +54,7 @@ from jaxunlearn.data import (
 )
 from jaxunlearn.eval import metrics as M
 from jaxunlearn.eval import mia, report
-from jaxunlearn.eval.runner import (
+from jaxunlearn.eval.inference import (
     EVAL_BUCKETS,
     EvalResult,
     TokenArrays,
@@ -141,7 +141,8 @@ _DEPENDS: dict[str, tuple[str, ...]] = {
     **{f"{p}_Truth_Ratio": (f"{p}_Q_A_Prob", f"{p}_Q_A_PERT_Prob") for p in ("ra", "wf")},
 }
 
-# prefix -> (split, key of the truth ratio's "correct" answer), evaluation.md s.1.2.
+# prefix -> (split, key of the truth ratio's "correct" answer), open-unlearning
+# `configs/eval/tofu_metrics/*_Truth_Ratio.yaml`.
 _QA_SETS = {
     "retain": ("retain_perturbed", "paraphrased_answer"),
     "ra": ("real_authors_perturbed", "answer"),
@@ -181,18 +182,50 @@ def check_chat_template(tokenizer: Any, fmt: PromptFormat) -> None:
         )
 
 
-def _rows(split: str, data_dir: Any, limit: int | None) -> list[dict]:
-    rows = load_tofu(split, data_dir=data_dir).to_list()
+def _rows(split: str, data_dir: Any, limit: int | None, given: Mapping | None) -> list[dict]:
+    if given is not None and split in given:
+        rows = [dict(r) for r in given[split]]
+    else:
+        rows = load_tofu(split, data_dir=data_dir).to_list()
     rows = rows if limit is None else rows[:limit]
     if not rows:
         raise ValueError(f"TOFU split '{split}' has no items to evaluate")
     return rows
 
 
-def _retain_ids_check(retain_logs: Any, ids: Sequence[str]) -> dict[str, Any]:
-    """Loads the retain model's logs and checks they cover exactly the evaluated forget ids."""
+def _retain_provenance_check(logs: Mapping[str, Any], source: Any, expected: Mapping) -> None:
+    """Refuses retain logs recorded for another benchmark, forget split, prompt format or
+    item count (jaxunlearn's metadata; open-unlearning's logs carry none and pass)."""
+    meta = logs.get(report.METADATA_KEY)
+    if not isinstance(meta, Mapping):
+        return
+    recorded = {
+        "benchmark": meta.get("benchmark"),
+        "split": tofu_perturbed_split(meta["split"]) if meta.get("split") else None,
+        "prompt_format": meta.get("prompt_format"),
+        "forget items": (meta.get("n_items") or {}).get("forget"),
+    }
+    differ = [
+        f"{key} {recorded[key]!r} (evaluating {value!r})"
+        for key, value in expected.items()
+        if recorded.get(key) is not None and recorded[key] != value
+    ]
+    if differ:
+        raise ValueError(
+            f"{source}: the retain logs were recorded with {'; '.join(differ)}, so forget "
+            "quality and PrivLeak against them would compare different items; pass the retain "
+            "model's TOFU_EVAL.json of this split, format and item count."
+        )
+
+
+def _retain_ids_check(
+    retain_logs: Any, ids: Sequence[str], expected: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Loads the retain model's logs and checks their provenance (`_retain_provenance_check`)
+    and that they cover exactly the evaluated forget ids."""
     logs = report.load_eval_logs(retain_logs)
     source = retain_logs if isinstance(retain_logs, str | os.PathLike) else "retain logs"
+    _retain_provenance_check(logs, source, expected)
     entry = logs.get("forget_truth_ratio")
     if not isinstance(entry, Mapping) or not isinstance(entry.get("value_by_index"), Mapping):
         raise ValueError(
@@ -263,8 +296,10 @@ def evaluate_tofu(
     eos_token_id: int | Sequence[int] | None = None,
     reference_model: nnx.Module | None = None,
     model_path: str | None = None,
+    rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    ou_eos_masking: bool = False,
 ) -> EvalResult:
-    """Evaluates a model on TOFU with open-unlearning's metrics (evaluation.md s.1, s.4).
+    """Evaluates a model on TOFU with open-unlearning's metrics (TOFU paper, arXiv 2401.06121).
 
     Args:
       model: the jaxunlearn causal LM to evaluate.
@@ -290,6 +325,11 @@ def evaluate_tofu(
       eos_token_id: id(s) that stop generation (default: the tokenizer's EOS).
       reference_model: model for the Reference attack (open-unlearning: the retain model).
       model_path: recorded in the metadata.
+      rows: evaluation rows in memory, {TOFU split name: rows} (e.g. "forget10_perturbed",
+        "retain_perturbed", "holdout10"); splits not given are loaded from `data_dir`.
+      ou_eos_masking: open-unlearning's attention mask (input_ids != pad): with pad = EOS it
+        also hides EOS-valued tokens inside prompts (Llama-3's ``<|eot_id|>``); see
+        `inference.score_examples`. Off by default; recorded in the metadata.
 
     Returns:
       `EvalResult(logs, summary, metadata)`; `result.write(out_dir, "TOFU")` writes the
@@ -306,22 +346,29 @@ def evaluate_tofu(
         raise ValueError(f"limit must be >= 1 (or None for all items), got {limit}")
     requested, needed = _select(metrics, holdout, reference_model)
     forget_name = tofu_perturbed_split(forget_split)
-    data = {"forget": _rows(forget_name, data_dir, limit)}
+    data = {"forget": _rows(forget_name, data_dir, limit, rows)}
     for prefix, (split, _) in _QA_SETS.items():
         if any(n.startswith(prefix + "_") for n in needed):
-            data[prefix] = _rows(split, data_dir, limit)
+            data[prefix] = _rows(split, data_dir, limit, rows)
     if needed & set(_MIA):
-        data["holdout"] = _rows(tofu_holdout_split(forget_split), data_dir, limit)
+        data["holdout"] = _rows(tofu_holdout_split(forget_split), data_dir, limit, rows)
     ids = {name: [str(i) for i in range(len(rows))] for name, rows in data.items()}
     oracle = None
     if retain_logs is not None:
         # Checked before any model work: a mismatch found after an hour of generation helps no one.
+        expected = {
+            "benchmark": "TOFU",
+            "split": forget_name,
+            "prompt_format": fmt.name,
+            "forget items": len(data["forget"]),
+        }
         if "forget_quality" in needed:
-            oracle = _retain_ids_check(retain_logs, ids["forget"])
+            oracle = _retain_ids_check(retain_logs, ids["forget"], expected)
         else:
             oracle = report.load_eval_logs(retain_logs)
+            _retain_provenance_check(oracle, retain_logs, expected)
 
-    common = dict(batch_size=batch_size, buckets=buckets, mesh=mesh)
+    common = dict(batch_size=batch_size, buckets=buckets, mesh=mesh, ou_eos_masking=ou_eos_masking)
     scored = _score_blocks(model, tokenizer, fmt, data, needed, common, forget_name)
     logs: dict[str, Any] = {}
     for prefix in ("forget", *_QA_SETS):
@@ -369,6 +416,7 @@ def evaluate_tofu(
         ks_n=len(data["forget"]),
         batch_size=batch_size,
         metrics=requested,
+        ou_eos_masking=ou_eos_masking,
     )
     return make_result({k: v for k, v in logs.items() if k in needed}, requested, metadata)
 
@@ -437,7 +485,7 @@ def _score_blocks(
 
 
 def _qa_entries(prefix: str, ids: list[str], scored: dict[str, TokenArrays]) -> dict[str, Any]:
-    """open-unlearning's probability / truth-ratio entries of one split (evaluation.md s.1.2)."""
+    """open-unlearning's probability / truth-ratio entries of one split."""
     answer = _loss(scored[f"{prefix}/answer"])
     pert = _loss(scored[f"{prefix}/perturbed"])
     correct = _loss(scored[f"{prefix}/correct"]) if f"{prefix}/correct" in scored else answer
@@ -493,7 +541,10 @@ def _generation_metrics(
 
 
 def _memorisation_entries(scored, ids, needed) -> dict[str, Any]:
-    """Extraction strength and exact memorisation of the forget answers (evaluation.md s.1.5)."""
+    """Extraction strength and exact memorisation of the forget answers.
+
+    open-unlearning `memorization.py::extraction_strength`, `exact_memorization`.
+    """
     logs = {}
     forget = scored.get("forget/answer")
     if "extraction_strength" in needed:
@@ -508,7 +559,7 @@ def _memorisation_entries(scored, ids, needed) -> dict[str, Any]:
 def _mia_entries(
     model, tokenizer, fmt, data, ids, needed, common, scored, oracle, reference_model
 ) -> tuple[dict[str, Any], float]:
-    """MIA AUCs on forget vs holdout answers and PrivLeak (evaluation.md s.4).
+    """MIA AUCs on forget vs holdout answers and PrivLeak (open-unlearning `privacy.py::privleak`).
 
     Returns:
       (logs, the retain-model AUC PrivLeak was computed against).

@@ -16,7 +16,7 @@ from jaxunlearn.scores import DEFAULT_CHUNK_SIZE
 _LOG2 = math.log(2.0)
 
 # divergence -> (activation g*, conjugate f*), as in FLAT's `get_contrastive_loss`
-# (UCSC-REAL/FLAT dataloader.py) and methods.md §5.14.
+# (UCSC-REAL/FLAT dataloader.py).
 _DIVERGENCES = {
     "tv": (lambda v: jnp.tanh(v) / 2.0, lambda t: t),
     "kl": (lambda v: v, lambda t: jnp.exp(t - 1.0)),

@@ -1,7 +1,8 @@
 """Token-likelihood terms: NLL, gradient ascent, KL to the reference, WGA and SatImp.
 
-All follow open-unlearning's averaging (methods.md §3, §10): NLL-style losses are the
-Hugging Face token-weighted batch mean; KL retain averages over every B·T position.
+All follow open-unlearning's averaging (`src/trainer/unlearn/grad_diff.py`,
+`src/trainer/utils.py`): NLL-style losses are the Hugging Face token-weighted batch mean; KL
+retain averages over every B·T position.
 """
 
 import jax

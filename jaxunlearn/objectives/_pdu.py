@@ -9,10 +9,20 @@ Here lambda is explicit state (`PDUState`), threaded through the training step:
     loss, aux = objective(forward, batch, ref_forward=ref, state=state)   # differentiate
     state = objective.update_state(state, aux)                            # after the step
 
-`update_state` applies the per-step dual update (open-unlearning `dual_update_upon: step`)
-using the step's retain loss, evaluated at the parameters before the update, exactly as
-open-unlearning does. For the per-epoch variant, build with `dual_update="epoch"` and call
-`objective.update_dual(state, mean_retain_loss)` after each full retain pass.
+When the dual variable moves is `dual_update`:
+
+- "micro_batch" (default, open-unlearning's `dual_update_upon: step`): open-unlearning updates
+  lambda inside `compute_loss`, which the Hugging Face trainer calls once per *micro-batch*, so
+  with gradient accumulation (its default: 4) lambda moves 4 times per optimizer step and each
+  micro-batch's loss uses the lambda its predecessors left. The training step threads the
+  state through its micro-batch scan to do the same (`train.accumulate_with_state`).
+- "step": once per optimizer step, from the retain loss averaged over its micro-batches.
+- "epoch": only through `objective.update_dual(state, mean_retain_loss)` after each full
+  retain pass; None: lambda stays alpha.
+
+Each update uses the retain loss at the parameters before the optimizer step. The warm-up
+counts dual updates: open-unlearning's 5 epochs are ``5 · steps_per_epoch · micro_batches``
+updates with "micro_batch" (``5 · steps_per_epoch`` with "step").
 """
 
 import dataclasses
@@ -53,8 +63,8 @@ def pdu_margin(*, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Term:
     """Logit-margin flattening: mean over all B·T positions of (max_v z - mean_v z)^2.
 
     Like open-unlearning `pdu.py`, the mean runs over every position of the unshifted
-    logits, prompt and padding included (methods.md §5.12 writes mean_valid; the code has
-    no mask).
+    logits, prompt and padding included (the paper writes a mean over valid positions; the
+    code has no mask).
 
     Args:
       chunk_size: vocabulary columns per chunk.
@@ -89,16 +99,22 @@ class PrimalDual:
       objective: the forget/retain pair; its alpha is the initial lambda.
       retain_loss_eps: the retain-loss bound eps.
       dual_step_size: eta, the dual ascent step.
-      dual_update: "step" (update in `update_state`), "epoch" (only via `update_dual`) or
-        None (lambda stays alpha: open-unlearning's `primal_dual: false`).
+      dual_update: "micro_batch" (open-unlearning: once per micro-batch), "step" (once per
+        optimizer step), "epoch" (only via `update_dual`) or None (lambda stays alpha:
+        open-unlearning's `primal_dual: false`).
       dual_warmup: number of dual updates skipped at the start.
     """
 
     objective: ForgetRetain
     retain_loss_eps: float | jax.Array
     dual_step_size: float | jax.Array = 1.0
-    dual_update: str | None = "step"
+    dual_update: str | None = "micro_batch"
     dual_warmup: int = 0
+
+    @property
+    def updates_per_micro_batch(self) -> bool:
+        """Whether the training step calls `update_state` after every micro-batch."""
+        return self.dual_update == "micro_batch"
 
     def init_state(self) -> PDUState:
         """lambda = alpha, no updates seen."""
@@ -134,8 +150,9 @@ class PrimalDual:
         return PDUState(multiplier, state.count + 1)
 
     def update_state(self, state: PDUState, aux: Aux) -> PDUState:
-        """Per-step dual update from `aux["retain_loss"]` when `dual_update == "step"`."""
-        if self.dual_update != "step":
+        """Dual update from `aux["retain_loss"]` when `dual_update` is "micro_batch" or "step"
+        (the training step calls it after each micro-batch or after each step)."""
+        if self.dual_update not in ("micro_batch", "step"):
             return state
         return self.update_dual(state, aux["retain_loss"])
 
@@ -163,17 +180,18 @@ def pdu(
     alpha: float | jax.Array = 1.0,
     retain: Term | None = None,
     dual_step_size: float | jax.Array = 1.0,
-    dual_update: str | None = "step",
+    dual_update: str | None = "micro_batch",
     dual_warmup: int = 0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> PrimalDual:
     """PDU: logit-margin flattening on the forget set under a retain-loss constraint.
 
     open-unlearning requires eps (its yaml leaves `???`; the paper suggests
-    (1 + tolerance) · the original model's retain loss), uses eta = 1 and a warm-up of 5
-    epochs. Warm-up here counts dual updates: with `dual_update="step"` pass
-    `dual_warmup = 5 · steps_per_epoch`; with `dual_update="epoch"` open-unlearning first
-    updates at the end of epoch `w`, i.e. pass `dual_warmup = max(w - 1, 0)`.
+    (1 + tolerance) · the original model's retain loss), uses eta = 1, updates lambda once per
+    micro-batch, and warms up for 5 epochs. Warm-up here counts dual updates: with the default
+    `dual_update="micro_batch"` pass `dual_warmup = 5 · steps_per_epoch · micro_batches`; with
+    "step", `5 · steps_per_epoch`; with "epoch" open-unlearning first updates at the end of
+    epoch `w`, i.e. pass `dual_warmup = max(w - 1, 0)`.
 
     Args:
       retain_loss_eps: the bound eps on the retain loss (required).
@@ -181,7 +199,7 @@ def pdu(
       alpha: initial dual variable lambda (open-unlearning's retain preference).
       retain: retain term; default `nll()`.
       dual_step_size: eta (>= 0).
-      dual_update: "step", "epoch" or None (no dual ascent).
+      dual_update: "micro_batch", "step", "epoch" or None (no dual ascent).
       dual_warmup: dual updates skipped at the start (>= 0).
       chunk_size: vocabulary columns per chunk.
 
@@ -192,8 +210,10 @@ def pdu(
       Entesari et al., "Constrained Entropic Unlearning: A Primal-Dual Framework for Large
       Language Models", arXiv 2506.05314 (2025); open-unlearning `pdu.py`.
     """
-    if dual_update not in ("step", "epoch", None):
-        raise ValueError(f"pdu: dual_update must be 'step', 'epoch' or None, got {dual_update!r}.")
+    if dual_update not in ("micro_batch", "step", "epoch", None):
+        raise ValueError(
+            f"pdu: dual_update must be 'micro_batch', 'step', 'epoch' or None, got {dual_update!r}."
+        )
     if not isinstance(dual_warmup, int) or dual_warmup < 0:
         raise ValueError(f"pdu: dual_warmup must be an int >= 0, got {dual_warmup!r}.")
     if isinstance(dual_step_size, int | float) and dual_step_size < 0:

@@ -1,9 +1,9 @@
 """Preference-style forget terms: NPO, SimNPO and DPO / IdkDPO.
 
 All use sequence-summed log-probs over the answer tokens and open-unlearning's 2/beta
-scaling (standard DPO uses 1; methods.md §3). Reference log-probs are read from
-`batch["ref_logprob"]` (precomputed once per item with `reference_logprob`) when present,
-else computed with `ref_forward` under stop_gradient.
+scaling (standard DPO uses 1; open-unlearning `src/trainer/utils.py::compute_dpo_loss`).
+Reference log-probs are read from `batch["ref_logprob"]` (precomputed once per item with
+`reference_logprob`) when present, else computed with `ref_forward` under stop_gradient.
 """
 
 import jax

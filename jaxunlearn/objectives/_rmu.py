@@ -58,7 +58,7 @@ def activation_loss(
     """mean_i[ sum_t m_t · mean_d (h - target)^2 / sum_t m_t ], m_t = [labels_t != -100].
 
     The masked per-token mean, then per-sample mean (on the unshifted labels) that
-    open-unlearning's `compute_activation_loss` intends (methods.md §5.13). Its code
+    open-unlearning's `compute_activation_loss` intends (`src/trainer/unlearn/rmu.py`). Its code
     divides a [B] vector of masked sums S by a [B, 1] vector of token counts N, which
     broadcasts to a [B, B] matrix, so it actually returns mean_i(S_i) · mean_i(1 / N_i);
     the two agree when all sequences have the same number of scored tokens.
@@ -163,7 +163,8 @@ def rmu(
 ) -> ForgetRetain:
     """RMU: gamma · forget activation MSE to c·u + alpha · retain MSE to the reference.
 
-    Defaults follow open-unlearning's WMDP experiment (c = 2, alpha = 1; methods.md §5.13);
+    Defaults follow open-unlearning's WMDP experiment (c = 2, alpha = 1;
+    `configs/experiment/unlearn/wmdp/default.yaml`);
     the official Zephyr-7B runs use c = 6.5, alpha = 1200 and open-unlearning's trainer
     yaml c = 300, alpha = 1000: the scale depends on the model's activation norms. Train
     only the chosen matrices with `rmu_param_labels` and `optax.partition`.

@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxunlearn.eval.report import atomic_write_text
+from jaxunlearn._io import atomic_write_text, jsonable
 
-# Summary metric -> leaderboard column (open-unlearning's names, evaluation.md s.1).
+# Summary metric -> leaderboard column (open-unlearning's TOFU metric names).
 ROW_METRICS: dict[str, str] = {
     "forget_quality": "forget_quality",
     "model_utility": "model_utility",
@@ -70,7 +70,7 @@ class LeaderboardRow:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable record."""
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
 
 def row_from_summary(
@@ -86,20 +86,6 @@ def _number(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if hasattr(x, "item") and callable(x.item):  # numpy / jax scalars
-        return _jsonable(x.item())
-    if x is None or isinstance(x, str | int | float | bool):
-        return x
-    return str(x)
 
 
 def format_value(value: float | None, column: str) -> str:
@@ -193,7 +179,7 @@ def write_leaderboard(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "leaderboard.json", "markdown": out / "leaderboard.md"}
-    record = {"metadata": _jsonable(dict(metadata or {})), "rows": [r.to_dict() for r in rows]}
+    record = {"metadata": jsonable(dict(metadata or {})), "rows": [r.to_dict() for r in rows]}
     atomic_write_text(paths["json"], json.dumps(record, indent=2, allow_nan=False) + "\n")
     atomic_write_text(paths["markdown"], leaderboard_markdown(rows, title=title, notes=notes))
     if plot:

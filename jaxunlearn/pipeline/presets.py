@@ -31,7 +31,7 @@ TOFU_AUTHORS = 200
 QUESTIONS_PER_AUTHOR = 20
 RETAIN_PERTURBED_AUTHORS = 20  # retain_perturbed = the first 20 authors of `full`
 
-# The methods the benchmark runs by default: the core issue's list (methods.md).
+# The methods the benchmark runs by default: the core issue's list.
 ALL_METHODS: tuple[str, ...] = (
     "gradascent",
     "graddiff",
@@ -113,7 +113,7 @@ class EvalSettings:
       realworld_items: leading rows of real_authors / world_facts evaluated (None: all).
       max_new_tokens: greedy generation budget of the ROUGE metrics.
       batch_size: rows per forward pass and per generation call.
-      buckets: padded lengths of evaluation batches (None: `eval.runner.EVAL_BUCKETS`);
+      buckets: padded lengths of evaluation batches (None: `eval.inference.EVAL_BUCKETS`);
         fewer buckets, fewer compilations.
     """
 
@@ -298,7 +298,17 @@ _SMALL_METHODS: dict[str, dict[str, Any]] = {
     },
     "undial": {"learning_rate": 1e-2, "alpha": 1.0, "epochs": 5},
     "ssd": {"alpha": 3.0},
-    "gu_npo": {"learning_rate": 3e-3, "alpha": 10.0, "beta": 0.02, "epochs": 15},
+    # The Euclidean geometry with AdamW, rank 8 refreshed every 10 steps: the settings this
+    # table was swept with (the recipe's default is GU's Adam-whitened geometry, b1 = 0).
+    "gu_npo": {
+        "learning_rate": 3e-3,
+        "alpha": 10.0,
+        "beta": 0.02,
+        "epochs": 15,
+        "geometry": "euclidean",
+        "rank": 8,
+        "refresh_every": 10,
+    },
     # HAMU's constraint B is a first-order rise of the forget loss per step; the target's
     # forget NLL is ~1e-4 with gradient norm ~5e-4, so B must be of that order to be feasible
     # within the radius (an infeasible step stops HAMU without moving).

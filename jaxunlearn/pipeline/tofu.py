@@ -34,8 +34,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxunlearn._io import atomic_write_text, jsonable
 from jaxunlearn.data import load_idk, load_tofu, tofu_holdout_split, tofu_perturbed_split
-from jaxunlearn.eval.report import atomic_write_text, load_eval_logs, summarize
+from jaxunlearn.eval.report import load_eval_logs, summarize
 from jaxunlearn.pipeline import leaderboard as lb
 from jaxunlearn.pipeline.finetune import finetune
 from jaxunlearn.pipeline.presets import (
@@ -136,16 +137,6 @@ def _eval_rows(preset: TofuPreset, split: str) -> dict[str, list[dict[str, Any]]
     if empty:
         raise ValueError(f"preset '{preset.name}': no evaluation rows in {empty}")
     return rows
-
-
-def write_eval_files(rows: Mapping[str, list[dict[str, Any]]], folder: Path) -> Path:
-    """Writes evaluation rows as `<split>.json` JSON Lines (the `data_dir` layout of
-    `jaxunlearn.data.load_tofu`), so `evaluate_tofu` reads exactly the preset's items."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, split_rows in rows.items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows)
-        atomic_write_text(folder / f"{name}.json", text)
-    return folder
 
 
 # ----------------------------------------------------------------------------- cache keys
@@ -332,12 +323,13 @@ def evaluate_model(
     tokenizer: Any,
     preset: TofuPreset,
     split: str,
-    eval_data_dir: Path,
+    rows: Mapping[str, list[dict[str, Any]]],
     *,
     retain_logs: Mapping[str, Any] | None = None,
     model_path: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], float]:
-    """Runs the TOFU suite (`jaxunlearn.eval.tofu.evaluate_tofu`) on the preset's items.
+    """Runs the TOFU suite (`jaxunlearn.eval.tofu.evaluate_tofu`) on the preset's items,
+    given in memory as {TOFU split name: rows}.
 
     Returns:
       (logs, metadata, wall seconds).
@@ -350,7 +342,7 @@ def evaluate_model(
         model,
         tokenizer,
         forget_split=split,
-        data_dir=eval_data_dir,
+        rows=rows,
         fmt=PROMPT_FORMAT,
         retain_logs=retain_logs,
         max_new_tokens=preset.eval.max_new_tokens,
@@ -403,10 +395,6 @@ def oracle_self_reference(logs: dict[str, Any]) -> None:
         logs["privleak"] = {"agg_value": privleak(auc, auc)}
 
 
-def _summary(logs: Mapping[str, Any]) -> dict[str, Any]:
-    return summarize(logs)
-
-
 # ----------------------------------------------------------------------------- unlearning
 
 
@@ -456,40 +444,31 @@ def method_budget(preset: TofuPreset, run: MethodRun) -> tuple[int, int]:
     return int(epochs), int(batch_size)
 
 
-def _round_up(n: int, multiple: int = 16) -> int:
-    return -(-n // multiple) * multiple
+def tofu_sampler(
+    tokenizer: Any,
+    data: TofuData,
+    split: str,
+    preset: TofuPreset,
+    *,
+    batch_size: int,
+    retain: bool = True,
+    refusals: bool = False,
+) -> Any:
+    """The split's forget (and retain / "I don't know" alternate) items as the sampler of
+    `data.forget_retain`, padded to one length so a run compiles once."""
+    from jaxunlearn.data import forget_retain
 
-
-@dataclasses.dataclass
-class _UnlearnData:
-    forget: list
-    retain: list
-    alternates: Any
-    bucket: int  # the one padded length (one compile per run)
-    pad_id: int
-
-
-def _unlearn_data(
-    tokenizer: Any, data: TofuData, split: str, preset: TofuPreset, *, refusals: bool
-) -> _UnlearnData:
-    """Tokenised forget / retain (/ refusal) items of a run and the one length they pad to."""
-    from jaxunlearn.data import encode_prompt, idk_alternates
-
-    forget = tokenize_rows(tokenizer, data.forget[split], preset.max_length)
-    retain = tokenize_rows(tokenizer, data.retain[split], preset.max_length)
-    longest = max(len(e["input_ids"]) for e in [*forget, *retain])
-    alternates = None
-    if refusals:
-        questions = [r["question"] for r in data.forget[split]]
-        alternates = idk_alternates(tokenizer, questions, PROMPT_FORMAT, preset.max_length)
-        # Bound on a refusal item's length: the longest prompt plus the longest refusal + EOS
-        # (BPE merges across the border only shorten it).
-        prompt = max(len(encode_prompt(tokenizer, q, PROMPT_FORMAT)) for q in questions)
-        refusal = max(
-            len(tokenizer(" " + r, add_special_tokens=False)["input_ids"]) for r in load_idk()
-        )
-        longest = max(longest, min(prompt + refusal + 1, preset.max_length))
-    return _UnlearnData(forget, retain, alternates, _round_up(longest), tokenizer.pad_token_id)
+    return forget_retain(
+        tokenizer,
+        data.forget[split],
+        data.retain[split] if retain else None,
+        fmt=PROMPT_FORMAT,
+        max_length=preset.max_length,
+        batch_size=batch_size,
+        seed=preset.unlearn.seed,
+        refusals=True if refusals else None,
+        buckets="longest",
+    )
 
 
 def unlearn_method(
@@ -512,24 +491,18 @@ def unlearn_method(
     import math
 
     from jaxunlearn import recipes, train
-    from jaxunlearn.data import ForgetRetainSampler
 
     overrides = method_hyperparameters(preset, run)
     recipe = recipes.recipe(run.method, **overrides)
     epochs, batch_size = method_budget(preset, run)
-    items = _unlearn_data(tokenizer, data, split, preset, refusals=recipe.needs_alternate)
+    one_shot = recipe.kind == "one_shot"  # SSD's Fisher passes read retain + forget
+    sampler = tofu_sampler(
+        tokenizer, data, split, preset, batch_size=batch_size,
+        retain=recipe.needs_retain or one_shot, refusals=recipe.needs_alternate,
+    )  # fmt: skip
     hyper = {k: v for k, v in recipe.hyperparameters.items()}
-    if recipe.kind == "one_shot":
-        return _ssd(target, items, recipe, batch_size), None, hyper | {"batch_size": batch_size}
-    sampler = ForgetRetainSampler(
-        items.forget,
-        items.retain if recipe.needs_retain else None,
-        batch_size=batch_size,
-        seed=preset.unlearn.seed,
-        alternates=items.alternates,
-        pad_id=items.pad_id,
-        buckets=(items.bucket,),
-    )
+    if one_shot:
+        return _ssd(target, sampler, recipe), None, hyper | {"batch_size": batch_size}
     steps = epochs * math.ceil(len(data.forget[split]) / batch_size)
     result = train.unlearn(
         target,
@@ -538,7 +511,6 @@ def unlearn_method(
         sampler,
         steps=steps,
         seed=preset.unlearn.seed,
-        split_grads=recipe.split_grads,
         progress=progress,
         log_path=log_path,
     )
@@ -546,20 +518,7 @@ def unlearn_method(
     return result.model, result.step, hyper
 
 
-def _fixed_batches(
-    examples: Sequence[Mapping[str, Any]], batch_size: int, items: _UnlearnData
-) -> list:
-    """Consecutive full batches (the last partial one dropped unless it is the only one)."""
-    from jaxunlearn.data import pad_to_bucket
-
-    size = min(batch_size, len(examples))
-    return [
-        pad_to_bucket(examples[i : i + size], (items.bucket,), pad_id=items.pad_id)
-        for i in range(0, len(examples) - size + 1, size)
-    ]
-
-
-def _ssd(target: Any, items: _UnlearnData, recipe: Any, batch_size: int) -> Any:
+def _ssd(target: Any, sampler: Any, recipe: Any) -> Any:
     """Selective Synaptic Dampening with the forget set against the target's TOFU training
     data (retain + forget authors), batches of one size as SSD's batch-mean Fisher needs."""
     from jaxunlearn import train
@@ -567,8 +526,8 @@ def _ssd(target: Any, items: _UnlearnData, recipe: Any, batch_size: int) -> Any:
     h = recipe.hyperparameters
     result = train.ssd_unlearn(
         target,
-        _fixed_batches(items.forget, batch_size, items),
-        _fixed_batches(items.retain + items.forget, batch_size, items),
+        sampler.sequential_batches("forget"),
+        sampler.sequential_batches("full"),
         alpha=h["alpha"],
         lam=h["lam"],
         convention=h["convention"],
@@ -618,7 +577,7 @@ class TofuBenchmark:
 
     Attributes:
       preset, split, data (`TofuData`), models (`TofuModels`), tokenizer, out_dir,
-      eval_data_dir (the evaluated items as TOFU files), oracle_logs (the oracle's
+      oracle_logs (the oracle's
       `TOFU_EVAL.json` contents: the forget-quality and PrivLeak reference), rows (the
       leaderboard so far: target, oracle, then every `evaluate` call).
     """
@@ -649,9 +608,6 @@ class TofuBenchmark:
             self.preset, cache_dir=cache_dir, data=self.data, progress=progress, log=log
         )
         self.tokenizer = self.models.tokenizer
-        self.eval_data_dir = write_eval_files(
-            self.data.eval_rows[self.split], self.models.cache_dir / "eval-data" / self.split
-        )
         self.rows: list[lb.LeaderboardRow] = []
         self.oracle_logs = self._reference_rows()
 
@@ -683,18 +639,11 @@ class TofuBenchmark:
     ) -> Any:
         """A `data.ForgetRetainSampler` over the forget items (and retain items / "I don't
         know" alternates), padded to one length so a run compiles once."""
-        from jaxunlearn.data import ForgetRetainSampler
-
-        items = _unlearn_data(self.tokenizer, self.data, self.split, self.preset, refusals=refusals)
-        return ForgetRetainSampler(
-            items.forget,
-            items.retain if retain else None,
-            batch_size=batch_size or self.preset.unlearn.batch_size,
-            seed=self.preset.unlearn.seed,
-            alternates=items.alternates,
-            pad_id=items.pad_id,
-            buckets=(items.bucket,),
-        )
+        return tofu_sampler(
+            self.tokenizer, self.data, self.split, self.preset,
+            batch_size=batch_size or self.preset.unlearn.batch_size, retain=retain,
+            refusals=refusals,
+        )  # fmt: skip
 
     def steps(self, epochs: int | None = None, batch_size: int | None = None) -> int:
         """Optimizer steps of `epochs` passes over the forget set (default: the preset's)."""
@@ -730,7 +679,7 @@ class TofuBenchmark:
                     name,
                     self.split,
                     name,
-                    _summary(logs),
+                    summarize(logs),
                     unlearn_seconds=train_log["seconds"],
                     eval_seconds=seconds,
                     eval_path=str(path),
@@ -748,7 +697,7 @@ class TofuBenchmark:
             self.tokenizer,
             self.preset,
             self.split,
-            self.eval_data_dir,
+            self.data.eval_rows[self.split],
             retain_logs=retain_logs,
             model_path=model_path,
         )
@@ -791,7 +740,7 @@ class TofuBenchmark:
                 name,
                 self.split,
                 "unlearned",
-                _summary(logs),
+                summarize(logs),
                 unlearn_seconds=unlearn_seconds,
                 eval_seconds=seconds,
                 steps=steps,
@@ -966,5 +915,5 @@ def _write_outputs(
         metadata=metadata,
     )
     paths["run"] = out / "run.json"
-    atomic_write_text(paths["run"], json.dumps(lb._jsonable(metadata), indent=2) + "\n")
+    atomic_write_text(paths["run"], json.dumps(jsonable(metadata), indent=2) + "\n")
     return paths

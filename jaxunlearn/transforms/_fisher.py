@@ -12,7 +12,8 @@ Two Fisher conventions, which differ in scale:
 - "per_example": the empirical Fisher diagonal, the mean over all N examples of the
   squared per-example gradient, (1/N) sum_i (grad l_i)^2, with l_i = loss_fn on a batch
   of that one example. Independent of how the data is batched.
-- "batch_mean": SSD's code convention (methods.md §7.1), the mean over the N_b batches of
+- "batch_mean": SSD's code convention (if-loops/selective-synaptic-dampening
+  `src/ssd.py::calc_importance`; arXiv 2308.07707), the mean over the N_b batches of
   the squared gradient of the batch-mean loss, (1/N_b) sum_B (grad Lbar(B))^2. For
   independent per-example gradients this is about (1/b) of the per-example Fisher plus
   the squared mean gradient, so it depends on the batch size b: the full-data and forget

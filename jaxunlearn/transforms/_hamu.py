@@ -6,7 +6,8 @@ Each step solves, per parameter tensor l (or once globally), the trust-region pr
 
 raise the forget loss by at least B at minimum first-order retain cost (HAMU-Q; HAMU-U
 swaps the roles). With s = ||g_f||^2, kappa = <g_r, g_f>, g_r_perp = g_r - (kappa/s) g_f,
-the solution is (methods.md §6.2, checked in this order):
+the solution is (aoi3142/HAMU `hamu/methods/core.py::compute_hamu_update`; "How Hard Can It
+Be?", arXiv 2606.02119; checked in this order):
 
     1  s < eps                      Delta = -R g_r/||g_r|| if B ~ 0, else infeasible (0)
     2  R^2 < B^2/s                  infeasible: Delta = (B/s) g_f
@@ -29,7 +30,9 @@ Sign convention. HAMU's g_f is the gradient of the forget cross-entropy, *not* n
 of a forget loss that is *minimised* (GA's L_forget = -CE), so by default
 (``forget_sign=-1``) g_f = -updates: "decrease L_forget by at least B" is
 <-grad L_forget, Delta> >= B for any forget loss. Pass ``forget_sign=+1`` when `updates`
-is already grad CE_forget. ``retain_grads`` is grad L_retain (minimised), used as g_r.
+is already grad CE_forget. ``retain_grads`` is grad L_retain (minimised, unweighted), used
+as g_r; a ``retain_weight`` extra argument (the objective's alpha) is ignored: HAMU's
+problem has no retain weight.
 """
 
 from typing import Any, NamedTuple
@@ -279,7 +282,7 @@ def hardness_aware(
             raise ValueError(
                 "hardness_aware needs the retain gradients: call "
                 "tx.update(forget_updates, state, params, retain_grads=grad L_retain) "
-                "(jaxunlearn.train.make_step does this with needs_split_grads=True)."
+                "(jaxunlearn.unlearn and jaxunlearn.train.make_step do this by themselves)."
             )
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr, jnp.float32)

@@ -8,9 +8,12 @@ along every stored retain direction:
     g_f_perp = g_f - U U^T g_f            (P_perp g_f; global inner products over the pytree)
     output   = g_f_perp + g_r             (the retain descent already lies in S_r)
 
-The training step passes ``updates = gamma · grad L_forget`` and
-``retain_grads = alpha · grad L_retain``; an optimizer later in the chain turns the output
-into an update (descent: d = -lr · output for SGD).
+The training step passes ``updates = gamma · grad L_forget``, the *unweighted*
+``retain_grads = grad L_retain`` and ``retain_weight = alpha``; the output is
+``P_perp(updates) + alpha · retain_grads``, as GU's code writes it back. The subspace is built
+from the unweighted retain directions, so alpha = 0 (UNDIAL's default, or PDU's multiplier at
+0) still projects. An optimizer later in the chain turns the output into an update (descent:
+d = -lr · output for SGD).
 
 The subspace (how U is built). S_r is the span of a rolling window of the last `rank`
 retain-gradient directions captured on refresh steps (steps with count % refresh_every
@@ -147,10 +150,12 @@ def retain_projection(
 ) -> optax.GradientTransformationExtraArgs:
     """Projects the forget update off a rank-k retain-gradient subspace (GU).
 
-    Called as ``tx.update(forget_updates, state, params, retain_grads=g_r)`` with
-    ``forget_updates = gamma · grad L_forget`` and ``retain_grads = alpha · grad L_retain``
-    (the training step's split-gradient convention). Returns the combined direction
-    ``P_perp(forget_updates) + retain_grads``, to be fed to an optimizer later in the chain.
+    Called as ``tx.update(forget_updates, state, params, retain_grads=g_r, retain_weight=alpha)``
+    with ``forget_updates = gamma · grad L_forget`` and ``retain_grads = grad L_retain``
+    unweighted (the training step's split-gradient convention; `retain_weight` defaults to
+    1). Returns the combined direction ``P_perp(forget_updates) + alpha · retain_grads``, to
+    be fed to an optimizer later in the chain. The subspace is spanned by the unweighted
+    retain directions, so the projection does not vanish when alpha is 0.
     All inner products are global over the pytree; the basis and the arithmetic are
     float32, and the output has the dtype of `forget_updates`.
 
@@ -169,13 +174,15 @@ def retain_projection(
         h = sqrt(sqrt(v_hat) + adam_eps).
 
     Returns:
-      An `optax.GradientTransformationExtraArgs` whose update takes ``retain_grads=``.
+      An `optax.GradientTransformationExtraArgs` whose update takes ``retain_grads=`` (and
+      optionally ``retain_weight=``).
 
     Raises:
       ValueError: a hyperparameter is out of range.
 
     References:
-      Zhou et al., "Geometric-disentanglement Unlearning", arXiv 2511.17100 (2025).
+      Zhou et al., "Geometric-disentanglement Unlearning", arXiv 2511.17100 (2025); code:
+      github.com/Lemutisme/geo-unlearning, ``src/trainer/unlearn/geometric.py``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -229,13 +236,15 @@ def retain_projection(
             state.nu,
         )
 
-    def update_fn(updates, state, params=None, *, retain_grads=None, **extra_args):
+    def update_fn(
+        updates, state, params=None, *, retain_grads=None, retain_weight=1.0, **extra_args
+    ):
         del params, extra_args
         if retain_grads is None:
             raise ValueError(
-                "retain_projection needs the retain gradients: call "
-                "tx.update(forget_updates, state, params, retain_grads=alpha * grad L_retain) "
-                "(jaxunlearn.train.make_step does this with needs_split_grads=True)."
+                "retain_projection needs the retain gradients: call tx.update(forget_updates, "
+                "state, params, retain_grads=grad L_retain, retain_weight=alpha) "
+                "(jaxunlearn.unlearn and jaxunlearn.train.make_step do this by themselves)."
             )
         g_f, g_r = f32(updates), f32(retain_grads)
         if whiten == "adam":
@@ -260,7 +269,10 @@ def retain_projection(
             perp = jax.tree.map(lambda p, f: jnp.where(conflict, p, f), perp, g_f)
         if whiten == "adam":
             perp = jax.tree.map(jnp.multiply, perp, h)
-        out = jax.tree.map(lambda p, r, u: (p + r).astype(jnp.asarray(u).dtype), perp, g_r, updates)
+        alpha = jnp.asarray(retain_weight, jnp.float32)
+        out = jax.tree.map(
+            lambda p, r, u: (p + alpha * r).astype(jnp.asarray(u).dtype), perp, g_r, updates
+        )
 
         nu = state.nu
         if whiten == "adam":
@@ -289,7 +301,7 @@ def whitened_retain_projection(
     ``optax.chain(retain_projection(..., whiten="adam"), optax.scale_by_adam(b1=0, b2, eps),
     optax.scale_by_learning_rate(learning_rate))``: b1 = 0 and no weight decay are the
     conditions under which GU's whitening makes the executed forget step orthogonal to the
-    retain directions (methods.md §10.6), and sharing b2/eps makes the projection's own
+    retain directions (GU, arXiv 2511.17100), and sharing b2/eps makes the projection's own
     second-moment EMA equal Adam's. The defaults (rank 1, refresh every step) reproduce
     the latest GU ``training_step``. Extra args: ``retain_grads=``.
 

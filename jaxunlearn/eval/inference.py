@@ -12,8 +12,8 @@ Items are padded to a few fixed length buckets and a fixed batch size, so each b
 compiles once (`jax.jit` over `nnx.split` state, the graph definition static). With a `mesh`
 the batches are split over its ``("data", "fsdp")`` axes by `parallel.shard_batch`. Scores
 come from `jaxunlearn.scores.token_scores` on the model's `Head`: the log-softmax runs in
-float32 in vocabulary chunks, so bf16 weights never give bf16 log-probs (evaluation.md s.0,
-s.9.7) and no [B, T, V] array is held.
+float32 in vocabulary chunks, so bf16 weights never give bf16 log-probs and no [B, T, V]
+array is held.
 
 Results are gathered with `jax.device_get`, so a mesh must span the devices of this one host
 (several hosts would need a process all-gather of the outputs first).
@@ -284,10 +284,6 @@ def _ways(mesh: jax.sharding.Mesh | None) -> int:
     return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
-def _place(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None) -> Any:
-    return batch if mesh is None else parallel.shard_batch(batch, mesh)
-
-
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -308,6 +304,7 @@ def score_examples(
     stats: bool = False,
     pad_id: int = 0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ou_eos_masking: bool = False,
 ) -> TokenArrays:
     """Teacher-forced per-token scores of tokenised examples (see `score_items`).
 
@@ -320,6 +317,10 @@ def score_examples(
       stats: also return entropy moments and argmax matches.
       pad_id: token id written into padding (masked out of attention).
       chunk_size: vocabulary columns per chunk of the float32 log-softmax.
+      ou_eos_masking: open-unlearning's collator mask, attention = (input_ids != pad_id): with
+        pad = EOS it also hides every EOS-valued token inside an item (Llama-3's
+        ``<|eot_id|>`` turn ends). Off by default (only padding is masked); on to reproduce
+        open-unlearning's numbers for such tokenizers.
 
     Returns:
       `TokenArrays` with one row per example, in order.
@@ -330,8 +331,13 @@ def score_examples(
     lengths = [len(e["input_ids"]) for e in examples]
     pending = []
     for bucket, rows, indices in _groups(lengths, buckets, batch_size, _ways(mesh)):
-        batch = pad_to_bucket([examples[i] for i in _fill(indices, rows)], (bucket,), pad_id=pad_id)
-        batch = _place(batch, mesh)
+        batch = pad_to_bucket(
+            [examples[i] for i in _fill(indices, rows)],
+            (bucket,),
+            pad_id=pad_id,
+            ou_eos_masking=ou_eos_masking,
+        )
+        batch = parallel.place_batch(batch, mesh)
         out = _score_batch(
             state,
             batch["input_ids"],
@@ -374,6 +380,7 @@ def score_items(
     stats: bool = False,
     max_length: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ou_eos_masking: bool = False,
 ) -> TokenArrays:
     """Per-token log-probs of QA answers (with EOS) or texts under `model`, batched and jitted.
 
@@ -390,6 +397,7 @@ def score_items(
         extraction strength, exact memorisation).
       max_length: most tokens per item (default: the largest bucket).
       chunk_size: vocabulary columns per chunk of the float32 log-softmax.
+      ou_eos_masking: see `score_examples`.
 
     Returns:
       `TokenArrays`, row i = item i. Feed `logprob` / `mask` to `eval.metrics` and `eval.mia`.
@@ -407,6 +415,7 @@ def score_items(
         stats=stats,
         pad_id=pad_token_id(tokenizer),
         chunk_size=chunk_size,
+        ou_eos_masking=ou_eos_masking,
     )
 
 
@@ -434,6 +443,7 @@ def generate_tokens(
     batch_size: int = 32,
     buckets: Sequence[int] = EVAL_BUCKETS,
     mesh: jax.sharding.Mesh | None = None,
+    ou_eos_masking: bool = False,
 ) -> list[np.ndarray]:
     """Greedy new tokens for each tokenised prompt, cut before the first EOS.
 
@@ -449,6 +459,7 @@ def generate_tokens(
       batch_size: prompts per call.
       buckets: allowed padded prompt lengths.
       mesh: shard the prompts over this mesh.
+      ou_eos_masking: see `score_examples` (here: EOS-valued prompt tokens are masked).
 
     Returns:
       One int32 array per prompt: the generated tokens before the first EOS.
@@ -472,8 +483,9 @@ def generate_tokens(
             (bucket,),
             pad_id=pad_token_id,
             side="left",
+            ou_eos_masking=ou_eos_masking,
         )
-        batch = _place({k: batch[k] for k in ("input_ids", "attention_mask")}, mesh)
+        batch = parallel.place_batch({k: batch[k] for k in ("input_ids", "attention_mask")}, mesh)
         tokens = generate(
             model,
             batch["input_ids"],
@@ -522,13 +534,14 @@ def generate_answers(
     few_shot: Sequence[tuple[str, str]] = (),
     eos_token_id: int | Sequence[int] | None = None,
     strip: bool = True,
+    ou_eos_masking: bool = False,
 ) -> list[str]:
     """Greedy answers to questions, as open-unlearning's ROUGE metrics generate them.
 
     Each question is rendered as the prompt format's prompt (`data.encode_prompt`: BOS, chat
     template with the generation header, ...), generated greedily with left padding and a
     fixed-size KV cache, decoded with `skip_special_tokens` and cut at EOS and at each stop
-    string (evaluation.md s.0 "Generation").
+    string (open-unlearning `configs/generation/default.yaml`, `utils.py::eval_text_similarity`).
 
     Args:
       model: a jaxunlearn causal LM.
@@ -545,6 +558,7 @@ def generate_answers(
       eos_token_id: id(s) that stop a generation (default: the tokenizer's EOS; see
         `eos_token_ids` for a model's extra stop tokens).
       strip: strip surrounding whitespace (open-unlearning does).
+      ou_eos_masking: see `score_examples`.
 
     Returns:
       One decoded answer per question, in order.
@@ -564,6 +578,7 @@ def generate_answers(
         batch_size=batch_size,
         buckets=buckets,
         mesh=mesh,
+        ou_eos_masking=ou_eos_masking,
     )
     return [decode_generation(tokenizer, t, stop_strings, strip=strip) for t in tokens]
 

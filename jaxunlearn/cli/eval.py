@@ -1,4 +1,4 @@
-"""The ``jaxunlearn eval`` command: evaluate a Hugging Face model directory on TOFU, MUSE or a
+"""``jaxunlearn eval``: evaluate a Hugging Face model directory on TOFU, MUSE or a
 multiple-choice set and write open-unlearning-style logs.
 
     jaxunlearn eval --model DIR --benchmark tofu --forget-split forget10 [--data DIR]
@@ -18,16 +18,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from jaxunlearn.cli._common import EXIT_OK, UsageError, bad_input, parse_buckets, precision_dtype
 
 _BENCHMARKS = ("tofu", "muse", "mc")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``jaxunlearn eval``."""
-    p = argparse.ArgumentParser(
-        prog="jaxunlearn eval",
+def register(subparsers: Any) -> None:
+    """Adds ``eval`` to the subcommands."""
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on TOFU, MUSE or WMDP/MMLU",
         description="Evaluate a Hugging Face causal-LM directory on TOFU, MUSE or a "
         "multiple-choice set (WMDP / MMLU) and write open-unlearning-style logs.",
     )
@@ -39,9 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget-split", default="forget10", help="TOFU forget split")
     p.add_argument(
         "--template",
-        default="chat",
-        choices=("chat", "llama2", "qa", "raw"),
-        help="TOFU prompt format the model was trained with",
+        default="auto",
+        choices=("auto", "chat", "llama2", "qa", "raw"),
+        help="TOFU prompt format the model was trained with (auto, as in `unlearn`: the "
+        "tokenizer's chat template if it has one, else qa)",
+    )
+    p.add_argument(
+        "--ou-eos-masking",
+        action="store_true",
+        help="open-unlearning's attention mask (input_ids != pad): with pad = EOS it also "
+        "hides EOS-valued prompt tokens such as Llama-3's <|eot_id|>; for parity with its logs",
     )
     p.add_argument(
         "--retain-logs", help="retain/retrain model's EVAL JSON (oracle for FQ, PrivLeak)"
@@ -68,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="shard batches (and FSDP parameters) over all devices",
     )
-    return p
+    p.set_defaults(run=run)
 
 
 def output_paths(out: str | os.PathLike) -> tuple[Path, str]:
@@ -78,39 +88,31 @@ def output_paths(out: str | os.PathLike) -> tuple[Path, str]:
     for suffix in ("_EVAL.json", ".json"):
         if name.endswith(suffix) and len(name) > len(suffix):
             return out.parent, name[: -len(suffix)]
-    raise ValueError(f"--out {out}: expected a .json file name, e.g. out/TOFU_EVAL.json")
+    raise UsageError(f"--out {out}: expected a .json file name, e.g. out/TOFU_EVAL.json")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``jaxunlearn eval``; returns the exit status (0 on success, 2 on bad input).
+def run(args: argparse.Namespace) -> int:
+    """Runs ``jaxunlearn eval``; returns the exit status.
 
-    Bad input (a missing file, retain logs for other items, an unknown metric, ...) prints
-    one line naming the problem to stderr instead of a traceback; nothing is written.
+    Bad input (a missing file, retain logs for other items, an unknown metric, ...) raises
+    `UsageError` (one line naming the problem, exit 2) before anything is written.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
     if args.benchmark in ("muse", "mc") and not args.data and not args.hub:
-        parser.error(f"--benchmark {args.benchmark} needs --data")
+        raise UsageError(f"--benchmark {args.benchmark} needs --data")
     if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
-    try:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    with bad_input():
         return _run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"jaxunlearn eval: error: {message}", file=sys.stderr)
-        return 2
 
 
 def _run(args: argparse.Namespace) -> int:
     folder, prefix = output_paths(args.out)
 
-    import jax.numpy as jnp
-
     from jaxunlearn import checkpoints, parallel
-    from jaxunlearn.eval import multiple_choice, muse, report, runner, tofu
+    from jaxunlearn.eval import inference, multiple_choice, muse, report, tofu
 
     mesh = parallel.mesh(data=-1) if args.shard else None
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = precision_dtype(args.dtype)
     model = checkpoints.load_pretrained(args.model, dtype=dtype, mesh=mesh)
     tokenizer = checkpoints.load_tokenizer(args.tokenizer or args.model)
     reference = None
@@ -119,19 +121,22 @@ def _run(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     common = dict(batch_size=args.batch_size, limit=args.limit, mesh=mesh, model_path=args.model)
     if args.buckets:
-        common["buckets"] = tuple(sorted(int(b) for b in args.buckets.split(",") if b.strip()))
+        common["buckets"] = parse_buckets(args.buckets)
     if args.benchmark == "tofu":
+        from jaxunlearn.data import default_format
+
         result = tofu.evaluate_tofu(
             model,
             tokenizer,
             forget_split=args.forget_split,
             data_dir=args.data,
-            fmt=args.template,
+            fmt=default_format(tokenizer) if args.template == "auto" else args.template,
+            ou_eos_masking=args.ou_eos_masking,
             retain_logs=args.retain_logs,
             max_new_tokens=args.max_new_tokens or 200,
             holdout=not args.no_holdout,
             metrics=metrics,
-            eos_token_id=runner.eos_token_ids(tokenizer, args.model),
+            eos_token_id=inference.eos_token_ids(tokenizer, args.model),
             reference_model=reference,
             **common,
         )
@@ -144,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
             hub=args.hub,
             metrics=metrics,
             retain_logs=args.retain_logs,
-            eos_token_id=runner.eos_token_ids(tokenizer, args.model),
+            eos_token_id=inference.eos_token_ids(tokenizer, args.model),
             reference_model=reference,
             **common,
         )
@@ -166,8 +171,4 @@ def _run(args: argparse.Namespace) -> int:
     sys.stdout.write(report.summary_markdown(result.summary, result.metadata, prefix))
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    return EXIT_OK
