@@ -350,9 +350,7 @@ def main(argv=None):
     r["torch_npo_precomputed_s"] = tb.time_npo(ref_forward=False)
     r["jax_npo_ref_forward_s"] = jb.time_step(npo, jb.tx(), ref_batch, ref_params=jb.params())
     r["torch_npo_ref_forward_s"] = tb.time_npo(ref_forward=True)
-    r["jax_npo_split_grads_s"] = jb.time_step(
-        npo, optax.chain(_add_retain(), jb.tx()), pre
-    )
+    r["jax_npo_split_grads_s"] = jb.time_step(npo, optax.chain(_add_retain(), jb.tx()), pre)
     gu = jb.time_gu(npo, pre)
     r["jax_gu_cycle_mean_s"] = gu["cycle_mean"]
     r["jax_gu_refresh_step_s"] = gu["refresh_step"]

@@ -323,29 +323,33 @@ def test_leaderboard_files_and_plot(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def _run_tiny(out_dir, cache_dir, methods=None):
     import jax
 
     from jaxunlearn.pipeline import run_tofu
 
-    root = tmp_path_factory.mktemp("tiny")
     # The tiny run is dominated by XLA compiling ~20 small programs (one step per method, the
     # evaluation); skipping most optimisations compiles them faster. Numbers are checked for
     # consistency with the logs, not against fixed values, so this changes no assertion.
     previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     try:
-        run = run_tofu(
+        return run_tofu(
             "tiny",
-            out_dir=root / "out",
-            cache_dir=root / "cache",
+            out_dir=out_dir,
+            cache_dir=cache_dir,
+            methods=methods,
             progress=False,
             log=lambda _: None,
         )
     finally:
         jax.config.update("jax_disable_most_optimizations", previous)
-    return root, run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return root, _run_tiny(root / "out", root / "cache")
 
 
 def _eval(row):
@@ -445,3 +449,15 @@ def test_tiny_second_call_reuses_the_cache(tiny_run):
         assert second.row(name).metrics == first.row(name).metrics
     assert [r.method for r in second.rows] == ["target", "oracle"]
     assert (root / "out2" / "leaderboard.md").is_file()
+
+
+def test_tiny_leaderboard_is_reproduced_exactly_from_scratch(tiny_run, tmp_path):
+    # Same machine, same device count: a second run with an empty model cache retrains the
+    # tokenizer, target and oracle and unlearns again; every number must come out identical.
+    root, first = tiny_run
+    methods = ["graddiff", "npo", "gu_npo", "ssd"]
+    second = _run_tiny(tmp_path / "out", tmp_path / "cache", methods)
+    assert second.models.trained == ["tokenizer", "target", "oracle-forget10"]
+    for name in ("target", "oracle", *methods):
+        assert second.row(name).metrics == first.row(name).metrics, name
+        assert second.row(name).hyperparameters == first.row(name).hyperparameters, name

@@ -154,15 +154,7 @@ def evaluate_muse(
       ValueError: unknown metric, missing or empty split, `limit` < 1, "mia_reference" without
         a reference model.
     """
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 (or None for all items), got {limit}")
-    requested = list(DEFAULT_MUSE_METRICS if metrics is None else metrics)
-    unknown = sorted(set(requested) - set(MUSE_METRICS))
-    if unknown:
-        raise ValueError(f"unknown MUSE metric(s) {unknown}; choose from {list(MUSE_METRICS)}")
-    needed = set(requested) | ({"mia_min_k"} if "privleak" in requested else set())
-    if "mia_reference" in needed and reference_model is None:
-        raise ValueError("metric 'mia_reference' needs reference_model (e.g. the retrain model)")
+    requested, needed = _select(metrics, limit, reference_model)
 
     def load(config: str, split: str, n: int | None = limit) -> list[dict]:
         return _rows(data_dir, config, split, hub, corpus, n)
@@ -191,7 +183,7 @@ def evaluate_muse(
                 verbmem_max_new_tokens,
                 stemmer,
                 eos_token_id,
-            )
+            )  # fmt: skip
         )
     reference = None
     if needed & set(_MIA):
@@ -230,6 +222,20 @@ def evaluate_muse(
         metrics=requested,
     )
     return make_result(logs, requested, metadata)
+
+
+def _select(metrics, limit, reference_model) -> tuple[list[str], set[str]]:
+    """(requested metrics, everything they are computed from), checked."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for all items), got {limit}")
+    requested = list(DEFAULT_MUSE_METRICS if metrics is None else metrics)
+    unknown = sorted(set(requested) - set(MUSE_METRICS))
+    if unknown:
+        raise ValueError(f"unknown MUSE metric(s) {unknown}; choose from {list(MUSE_METRICS)}")
+    needed = set(requested) | ({"mia_min_k"} if "privleak" in requested else set())
+    if "mia_reference" in needed and reference_model is None:
+        raise ValueError("metric 'mia_reference' needs reference_model (e.g. the retrain model)")
+    return requested, needed
 
 
 def _knowmem(model, tokenizer, qa, icl, common, max_new_tokens, stemmer, eos) -> dict[str, Any]:

@@ -346,13 +346,8 @@ def evaluate_tofu(
         raise ValueError(f"limit must be >= 1 (or None for all items), got {limit}")
     requested, needed = _select(metrics, holdout, reference_model)
     forget_name = tofu_perturbed_split(forget_split)
-    data = {"forget": _rows(forget_name, data_dir, limit, rows)}
-    for prefix, (split, _) in _QA_SETS.items():
-        if any(n.startswith(prefix + "_") for n in needed):
-            data[prefix] = _rows(split, data_dir, limit, rows)
-    if needed & set(_MIA):
-        data["holdout"] = _rows(tofu_holdout_split(forget_split), data_dir, limit, rows)
-    ids = {name: [str(i) for i in range(len(rows))] for name, rows in data.items()}
+    data = _load_splits(forget_split, needed, data_dir, limit, rows)
+    ids = {name: [str(i) for i in range(len(split_rows))] for name, split_rows in data.items()}
     oracle = None
     if retain_logs is not None:
         # Checked before any model work: a mismatch found after an hour of generation helps no one.
@@ -362,11 +357,7 @@ def evaluate_tofu(
             "prompt_format": fmt.name,
             "forget items": len(data["forget"]),
         }
-        if "forget_quality" in needed:
-            oracle = _retain_ids_check(retain_logs, ids["forget"], expected)
-        else:
-            oracle = report.load_eval_logs(retain_logs)
-            _retain_provenance_check(oracle, retain_logs, expected)
+        oracle = _load_oracle(retain_logs, ids["forget"], expected, "forget_quality" in needed)
 
     common = dict(batch_size=batch_size, buckets=buckets, mesh=mesh, ou_eos_masking=ou_eos_masking)
     scored = _score_blocks(model, tokenizer, fmt, data, needed, common, forget_name)
@@ -404,7 +395,7 @@ def evaluate_tofu(
         benchmark="TOFU",
         model_path=model_path or "",
         split=forget_split,
-        n_items={name: len(rows) for name, rows in data.items()},
+        n_items={name: len(split_rows) for name, split_rows in data.items()},
         prompt_format=fmt.name,
         prompt_format_spec=fmt.to_dict(),
         max_new_tokens=max_new_tokens,
@@ -419,6 +410,27 @@ def evaluate_tofu(
         ou_eos_masking=ou_eos_masking,
     )
     return make_result({k: v for k, v in logs.items() if k in needed}, requested, metadata)
+
+
+def _load_splits(forget_split, needed, data_dir, limit, rows) -> dict[str, list[dict]]:
+    """The rows of every split the needed metrics read, keyed forget / retain / ... / holdout."""
+    data = {"forget": _rows(tofu_perturbed_split(forget_split), data_dir, limit, rows)}
+    for prefix, (split, _) in _QA_SETS.items():
+        if any(n.startswith(prefix + "_") for n in needed):
+            data[prefix] = _rows(split, data_dir, limit, rows)
+    if needed & set(_MIA):
+        data["holdout"] = _rows(tofu_holdout_split(forget_split), data_dir, limit, rows)
+    return data
+
+
+def _load_oracle(retain_logs, forget_ids, expected, item_ids: bool) -> dict[str, Any]:
+    """The retain model's logs, checked for provenance (and for the forget ids when forget
+    quality is computed from them)."""
+    if item_ids:
+        return _retain_ids_check(retain_logs, forget_ids, expected)
+    oracle = report.load_eval_logs(retain_logs)
+    _retain_provenance_check(oracle, retain_logs, expected)
+    return oracle
 
 
 def _select(metrics, holdout: bool, reference_model) -> tuple[list[str], set[str]]:

@@ -165,6 +165,33 @@ def _solve(f_leaves, r_leaves, lr, constraint, radius, allocation, eps) -> _Solu
     return _Solution(a_f, a_r, a_p, perp, case, infeasible, kappa, block_rhs, rhs)
 
 
+def _check_hyperparameters(
+    learning_rate, constraint, radius, allocation, variant, clip_norm, forget_sign, eps
+) -> None:
+    """Rejects out-of-range `hardness_aware` hyperparameters with a ValueError."""
+    if not callable(learning_rate) and not learning_rate > 0:
+        raise ValueError(f"hardness_aware: learning_rate must be > 0, got {learning_rate!r}.")
+    if not constraint >= 0:
+        raise ValueError(f"hardness_aware: constraint B must be >= 0, got {constraint!r}.")
+    lr_radius = radius is None or radius == "lr"
+    if not lr_radius and (isinstance(radius, str) or not radius > 0):
+        raise ValueError(
+            f"hardness_aware: radius must be None/'lr' or a positive float, got {radius!r}."
+        )
+    if allocation not in _ALLOCATIONS:
+        raise ValueError(
+            f"hardness_aware: allocation must be one of {_ALLOCATIONS}, got {allocation!r}."
+        )
+    if variant not in _VARIANTS:
+        raise ValueError(f"hardness_aware: variant must be one of {_VARIANTS}, got {variant!r}.")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"hardness_aware: clip_norm must be > 0 or None, got {clip_norm!r}.")
+    if forget_sign not in (-1, 1):
+        raise ValueError(f"hardness_aware: forget_sign must be -1 or +1, got {forget_sign!r}.")
+    if not eps > 0:
+        raise ValueError(f"hardness_aware: eps must be > 0, got {eps!r}.")
+
+
 def hardness_aware(
     learning_rate: optax.ScalarOrSchedule,
     constraint: float,
@@ -237,27 +264,10 @@ def hardness_aware(
       >>> jnp.round(delta["w"], 4)  # case 5: (B/s) g_f - sqrt(R^2 - B^2/s) g_r_perp/||g_r_perp||
       Array([ 0.01  , -0.0995], dtype=float32)
     """
-    if not callable(learning_rate) and not learning_rate > 0:
-        raise ValueError(f"hardness_aware: learning_rate must be > 0, got {learning_rate!r}.")
-    if not constraint >= 0:
-        raise ValueError(f"hardness_aware: constraint B must be >= 0, got {constraint!r}.")
+    _check_hyperparameters(
+        learning_rate, constraint, radius, allocation, variant, clip_norm, forget_sign, eps
+    )
     lr_radius = radius is None or radius == "lr"
-    if not lr_radius and (isinstance(radius, str) or not radius > 0):
-        raise ValueError(
-            f"hardness_aware: radius must be None/'lr' or a positive float, got {radius!r}."
-        )
-    if allocation not in _ALLOCATIONS:
-        raise ValueError(
-            f"hardness_aware: allocation must be one of {_ALLOCATIONS}, got {allocation!r}."
-        )
-    if variant not in _VARIANTS:
-        raise ValueError(f"hardness_aware: variant must be one of {_VARIANTS}, got {variant!r}.")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"hardness_aware: clip_norm must be > 0 or None, got {clip_norm!r}.")
-    if forget_sign not in (-1, 1):
-        raise ValueError(f"hardness_aware: forget_sign must be -1 or +1, got {forget_sign!r}.")
-    if not eps > 0:
-        raise ValueError(f"hardness_aware: eps must be > 0, got {eps!r}.")
 
     def scalars(params, dtype, fill=0):
         return jax.tree.map(lambda _: jnp.full((), fill, dtype), params)

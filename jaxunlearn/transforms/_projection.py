@@ -138,6 +138,26 @@ def _insert(basis: Any, window: jax.Array, g: Any, eps: float) -> tuple[Any, jax
     return new_basis, left * jnp.where(keep, sing, 0.0)[None, :]
 
 
+def _check_hyperparameters(rank, refresh_every, mode, whiten, eps, b2, adam_eps) -> None:
+    """Rejects out-of-range `retain_projection` hyperparameters with a ValueError."""
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"retain_projection: rank must be an int >= 1, got {rank!r}.")
+    if not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(
+            f"retain_projection: refresh_every must be an int >= 1, got {refresh_every!r}."
+        )
+    if mode not in _MODES:
+        raise ValueError(f"retain_projection: mode must be one of {_MODES}, got {mode!r}.")
+    if whiten not in (None, "adam"):
+        raise ValueError(f"retain_projection: whiten must be None or 'adam', got {whiten!r}.")
+    if not eps >= 0:
+        raise ValueError(f"retain_projection: eps must be >= 0, got {eps!r}.")
+    if not 0.0 <= b2 < 1.0:
+        raise ValueError(f"retain_projection: b2 must be in [0, 1), got {b2!r}.")
+    if not adam_eps >= 0:
+        raise ValueError(f"retain_projection: adam_eps must be >= 0, got {adam_eps!r}.")
+
+
 def retain_projection(
     rank: int = 8,
     refresh_every: int = 10,
@@ -195,22 +215,7 @@ def retain_projection(
       >>> updates["w"]  # -(P_perp g_f + g_r) = -([0, 1, 0] + [1, 0, 0])
       Array([-1., -1., -0.], dtype=float32)
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"retain_projection: rank must be an int >= 1, got {rank!r}.")
-    if not isinstance(refresh_every, int) or refresh_every < 1:
-        raise ValueError(
-            f"retain_projection: refresh_every must be an int >= 1, got {refresh_every!r}."
-        )
-    if mode not in _MODES:
-        raise ValueError(f"retain_projection: mode must be one of {_MODES}, got {mode!r}.")
-    if whiten not in (None, "adam"):
-        raise ValueError(f"retain_projection: whiten must be None or 'adam', got {whiten!r}.")
-    if not eps >= 0:
-        raise ValueError(f"retain_projection: eps must be >= 0, got {eps!r}.")
-    if not 0.0 <= b2 < 1.0:
-        raise ValueError(f"retain_projection: b2 must be in [0, 1), got {b2!r}.")
-    if not adam_eps >= 0:
-        raise ValueError(f"retain_projection: adam_eps must be >= 0, got {adam_eps!r}.")
+    _check_hyperparameters(rank, refresh_every, mode, whiten, eps, b2, adam_eps)
 
     def init_fn(params):
         basis = jax.tree.map(lambda p: jnp.zeros((rank, *jnp.shape(p)), jnp.float32), params)
