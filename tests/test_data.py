@@ -557,3 +557,66 @@ def test_load_multiple_choice_forms(tmp_path):
         jd.load_multiple_choice([{"question": "q", "answer": 0}])
     with pytest.raises(ValueError, match="no multiple-choice items"):
         jd.load_multiple_choice([])
+
+
+# ----------------------------------------------------------------------------- your own data
+
+
+@pytest.fixture(scope="module")
+def records():
+    rows = _tofu_lines("forget10")
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows[:12]]
+
+
+def test_forget_retain_takes_records_files_and_datasets_alike(tok, records, tmp_path):
+    import datasets
+
+    items = records
+    forget, retain = items[:5], items[5:12]
+    path = tmp_path / "forget.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in forget), encoding="utf-8")
+    kw = dict(fmt="qa", max_length=96, batch_size=2, seed=3)
+    from_records = jd.forget_retain(tok, forget, retain, **kw)
+    from_file = jd.forget_retain(tok, str(path), datasets.Dataset.from_list(retain), **kw)
+    assert from_records.fingerprint() == from_file.fingerprint()
+    for step in range(4):
+        a, b = from_records.batch_at(step), from_file.batch_at(step)
+        for part in ("forget", "retain"):
+            np.testing.assert_array_equal(a[part]["input_ids"], b[part]["input_ids"])
+    # the examples are the data layer's own tokenisation of each record
+    expected = jd.tokenize_qa(tok, forget[0]["question"], forget[0]["answer"], "qa", 96)
+    np.testing.assert_array_equal(from_records.forget[0]["input_ids"], expected["input_ids"])
+    assert from_records.prompt_format == "qa"
+    assert jd.forget_retain(tok, forget, **kw).retain is None
+
+
+def test_forget_retain_buckets_refusals_and_auto_format(tok, records):
+    items = records
+    forget = items[:4]
+    one = jd.forget_retain(tok, forget, items[4:8], fmt="qa", buckets="longest", batch_size=2)
+    longest = max(len(e["input_ids"]) for e in [*one.forget, *one.retain])
+    (bucket,) = one._pad["buckets"]
+    assert bucket % 16 == 0 and longest <= bucket < longest + 16
+    assert jd.forget_retain(tok, forget, fmt="qa", max_length=100)._pad["buckets"] == (
+        16, 32, 64, 100,
+    )  # fmt: skip
+    idk = jd.forget_retain(tok, forget, fmt="qa", refusals=["I don't know.", "No idea."])
+    batch = idk.batch_at(0)
+    assert set(batch) == {"forget", "alternate"}
+    text = _decode(tok, batch["alternate"]["input_ids"][0])
+    assert "I don't know." in text or "No idea." in text
+    assert jd.forget_retain(tok, forget).prompt_format == "chat"  # tok has a chat template
+
+
+def test_forget_retain_bad_input_is_named(tok, records, tmp_path):
+    items = records
+    with pytest.raises(ValueError, match="forget: no records"):
+        jd.forget_retain(tok, [], fmt="qa")
+    with pytest.raises(TypeError, match="forget: expected a JSON Lines path"):
+        jd.forget_retain(tok, 42, fmt="qa")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        jd.forget_retain(tok, str(tmp_path / "missing.jsonl"), fmt="qa")
+    with pytest.raises(ValueError, match="question/answer records, not text"):
+        jd.forget_retain(tok, [{"text": "some text"}], fmt="qa", refusals=True)
+    with pytest.warns(UserWarning, match="2 of 3 forget items also appear in the retain set"):
+        jd.forget_retain(tok, items[:3], items[1:6], fmt="qa")

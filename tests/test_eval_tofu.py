@@ -410,3 +410,71 @@ def test_score_items_text_and_mesh(world):
         ref = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
         close(arrays.logprob[i][arrays.mask[i] > 0], ref)
         assert arrays.mask[i].sum() == len(ids) - 1  # every token after BOS, no EOS
+
+
+def test_ou_eos_masking_hides_eos_valued_prompt_tokens_as_open_unlearning(world):
+    # A tokenizer whose pad is its eos (Llama-3 style): the item's prompt holds an EOS-valued
+    # token (a chat turn end). open-unlearning's collator masks it (attention_mask = ids !=
+    # pad); the default masks only padding. Both against torch with the same masks.
+    tm, model = world["torch"], world["model"]
+    tok = tiny_tokenizer()
+    tok.pad_token = tok.eos_token
+    eos = tok.eos_token_id
+    ids = [1, 5, 9, eos, 12, 7, 30, 41, eos]  # BOS, prompt with an EOS inside, answer + EOS
+    labels = [-100] * 5 + ids[5:]
+    item = {"input_ids": ids, "labels": labels}
+
+    def torch_logprob(mask):
+        with torch.no_grad():
+            logits = tm(torch.tensor([ids]), attention_mask=torch.tensor([mask])).logits[0]
+        logp = torch.log_softmax(logits.double(), -1)[:-1]
+        target = torch.tensor(ids[1:])
+        return logp[torch.arange(len(target)), target].numpy()[4:]  # the scored positions
+
+    kw = dict(batch_size=2, buckets=(16,))
+    plain = inference.score_items(model, tok, [item], **kw)
+    masked = inference.score_items(model, tok, [item], ou_eos_masking=True, **kw)
+    np.testing.assert_allclose(plain.logprob[0, 4:8], torch_logprob([1] * 9)[:4], atol=2e-4)
+    ou_mask = [int(t != eos) for t in ids]
+    np.testing.assert_allclose(masked.logprob[0, 4:8], torch_logprob(ou_mask)[:4], atol=2e-4)
+    assert not np.allclose(plain.logprob[0, 4:8], masked.logprob[0, 4:8], atol=1e-3)
+
+
+def test_retain_logs_of_another_split_or_format_are_refused(world):
+    def logs(split, fmt="chat", n=LIMIT):
+        return {
+            "forget_truth_ratio": {"value_by_index": {str(i): {"score": 1.0} for i in range(n)}},
+            "_jaxunlearn": {
+                "benchmark": "TOFU",
+                "split": split,
+                "prompt_format": fmt,
+                "n_items": {"forget": n},
+            },
+        }
+
+    tok = world["tokenizer"]
+    # The issue's case: --limit gives both splits ids 0..N-1, so only the split tells them apart.
+    with pytest.raises(ValueError, match="split 'forget01_perturbed'.*evaluating 'forget05"):
+        tofu.evaluate_tofu(
+            None, tok, forget_split="forget05", limit=LIMIT, retain_logs=logs("forget01")
+        )
+    with pytest.raises(ValueError, match="prompt_format 'qa'"):
+        tofu.evaluate_tofu(None, tok, limit=LIMIT, retain_logs=logs("forget10", fmt="qa"))
+    with pytest.raises(ValueError, match="retain logs were recorded with"):
+        tofu.evaluate_tofu(
+            None, tok, limit=LIMIT, metrics=["privleak"], retain_logs=logs("forget01")
+        )
+
+
+def test_rows_in_memory_are_what_gets_evaluated(world):
+    tok, model = world["tokenizer"], world["model"]
+    given = {"forget10_perturbed": rows("forget10_perturbed")[1:3]}
+    result = tofu.evaluate_tofu(
+        model, tok, rows=given, metrics=["forget_truth_ratio"], batch_size=4
+    )
+    assert result.metadata["n_items"]["forget"] == 2
+    ratios = result.logs["forget_truth_ratio"]["value_by_index"]
+    loaded = tofu.evaluate_tofu(
+        model, tok, limit=3, metrics=["forget_truth_ratio"], batch_size=4
+    ).logs["forget_truth_ratio"]["value_by_index"]
+    assert ratios["0"]["score"] == pytest.approx(loaded["1"]["score"], rel=1e-5)

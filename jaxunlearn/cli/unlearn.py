@@ -156,16 +156,7 @@ def prepare_data(args: argparse.Namespace, recipe: Any, tokenizer: Any) -> Any:
 def _ssd(model, recipe, sampler, mesh, log_path) -> Any:
     from jaxunlearn import train
 
-    h = recipe.hyperparameters
-    result = train.ssd_unlearn(
-        model,
-        sampler.sequential_batches("forget"),
-        sampler.sequential_batches("full"),
-        alpha=h["alpha"],
-        lam=h["lam"],
-        convention=h["convention"],
-        mesh=mesh,
-    )
+    result = train.ssd_unlearn_sampler(model, sampler, recipe.hyperparameters, mesh=mesh)
     log = train.MetricsLog(log_path, None, 0)
     log.write(result.metrics[0])
     log.close()

@@ -502,7 +502,9 @@ def unlearn_method(
     )  # fmt: skip
     hyper = {k: v for k, v in recipe.hyperparameters.items()}
     if one_shot:
-        return _ssd(target, sampler, recipe), None, hyper | {"batch_size": batch_size}
+        # SSD: the forget set against the target's TOFU training data (retain + forget authors)
+        model = train.ssd_unlearn_sampler(target, sampler, recipe.hyperparameters).model
+        return model, None, hyper | {"batch_size": batch_size}
     steps = epochs * math.ceil(len(data.forget[split]) / batch_size)
     result = train.unlearn(
         target,
@@ -516,23 +518,6 @@ def unlearn_method(
     )
     hyper |= {"epochs": epochs, "batch_size": batch_size}
     return result.model, result.step, hyper
-
-
-def _ssd(target: Any, sampler: Any, recipe: Any) -> Any:
-    """Selective Synaptic Dampening with the forget set against the target's TOFU training
-    data (retain + forget authors), batches of one size as SSD's batch-mean Fisher needs."""
-    from jaxunlearn import train
-
-    h = recipe.hyperparameters
-    result = train.ssd_unlearn(
-        target,
-        sampler.sequential_batches("forget"),
-        sampler.sequential_batches("full"),
-        alpha=h["alpha"],
-        lam=h["lam"],
-        convention=h["convention"],
-    )
-    return result.model
 
 
 # ----------------------------------------------------------------------------- the benchmark

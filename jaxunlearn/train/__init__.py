@@ -12,7 +12,7 @@
 from jaxunlearn.train.logging import MetricsLog, open_tensorboard
 from jaxunlearn.train.loop import NonFiniteLossError, UnlearnResult, unlearn
 from jaxunlearn.train.reference import ReferenceLogprobs, reference_parts
-from jaxunlearn.train.ssd import ssd_unlearn
+from jaxunlearn.train.ssd import ssd_unlearn, ssd_unlearn_sampler
 from jaxunlearn.train.step import (
     StepBuilder,
     TrainStep,
@@ -52,6 +52,7 @@ __all__ = [
     "reference_parts",
     "split_model",
     "ssd_unlearn",
+    "ssd_unlearn_sampler",
     "stop_requested",
     "unlearn",
     "wants_retain_grads",

@@ -99,8 +99,9 @@ class ReferenceLogprobs:
       ref_params: the frozen reference parameters.
       ref_graphdef: the reference's graph.
       ref_rest: the reference's other state.
-      rows: rows per scoring call (default: the sampler's batch size).
       mesh: shard scoring batches over this mesh.
+
+    Items are scored in calls of the sampler's batch size.
     """
 
     def __init__(
@@ -111,7 +112,6 @@ class ReferenceLogprobs:
         ref_graphdef: nnx.GraphDef,
         ref_rest: Any,
         *,
-        rows: int | None = None,
         mesh: jax.sharding.Mesh | None = None,
     ):
         self.sampler = sampler
@@ -120,7 +120,7 @@ class ReferenceLogprobs:
         if unknown:
             raise ValueError(f"cannot precompute reference log-probs for parts {sorted(unknown)}.")
         self.ref_params = ref_params
-        self.rows = int(rows or sampler.batch_size)
+        self.rows = int(sampler.batch_size)
         self.mesh = mesh
         self._score = _reference_logprob_fn(ref_graphdef, ref_rest)
         self._cache: dict[str, dict[Any, float]] = {part: {} for part in self.parts}

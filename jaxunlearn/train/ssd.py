@@ -102,3 +102,31 @@ def ssd_unlearn(
         "step_time": time.perf_counter() - t0,
     }
     return UnlearnResult(nnx.merge(graphdef, new_params, rest), [record], 0, 0)
+
+
+def ssd_unlearn_sampler(
+    model: nnx.Module,
+    sampler: Any,
+    hyperparameters: Any,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+) -> UnlearnResult:
+    """`ssd_unlearn` with a `data.ForgetRetainSampler`'s forget set against its retain + forget
+    set (the model's training data), in consecutive batches of one size (SSD's batch-mean
+    Fisher depends on the batch size).
+
+    Args:
+      model: the model (left untouched).
+      sampler: a sampler with a retain set (`data.forget_retain(..., retain=...)`).
+      hyperparameters: ``alpha``, ``lam`` and ``convention`` (e.g. ``recipe("ssd").hyperparameters``).
+      mesh: place parameters and batches on this mesh.
+    """
+    return ssd_unlearn(
+        model,
+        sampler.sequential_batches("forget"),
+        sampler.sequential_batches("full"),
+        alpha=hyperparameters["alpha"],
+        lam=hyperparameters["lam"],
+        convention=hyperparameters["convention"],
+        mesh=mesh,
+    )
