@@ -405,7 +405,8 @@ def _nonfinite(record, ckpt, on_nonfinite, result) -> UnlearnResult:
         f"non-finite loss ({loss}, grad norm {record.get('grad_norm')}) at step {step}: the "
         f"update of step {step} was discarded and nothing was saved for it; {kept}. Lower the "
         "learning rate, clip gradients (max_grad_norm), or inspect the data of this step "
-        f"(batch_at({step}))."
+        f"(batch_at({step})). A run with other settings starts fresh (a new checkpoint_dir): "
+        "resuming checks that the settings are the checkpoint's."
     )
     result.stopped = message
     if on_nonfinite == "stop":
