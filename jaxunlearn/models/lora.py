@@ -13,12 +13,9 @@ optimizer state has the adapters' size, and checkpoints hold the adapters only.
 
 `merge_lora` folds the adapters into the kernels (``W + (alpha / r) A B``) and returns a plain
 model that `jaxunlearn.checkpoints.save_pretrained` exports; `jaxunlearn.checkpoints.peft`
-reads and writes adapters in PEFT's format.
-
-`group_sparse` is GS-LoRA's group-sparse (group lasso) penalty as an optax transformation: it
-adds the gradient of ``strength * sum_g ||theta_g||_2`` over groups of adapters (by default,
-all adapters of one decoder layer form a group), so whole layers' adapters are driven to
-zero and the forgetting concentrates in a few layers.
+reads and writes adapters in PEFT's format. Training helpers (the step with the frozen base
+as a jit argument) are in `jaxunlearn.lora_train`, GS-LoRA's group-sparse penalty in
+`jaxunlearn.transforms` (`group_sparse`).
 
 The initialisation follows LoRA (B = 0, so the wrapped model starts equal to the base) and
 PEFT's default for A (uniform in ``[-1/sqrt(in), 1/sqrt(in)]``).
@@ -27,21 +24,17 @@ References:
   Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
   Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (rsLoRA),
   arXiv:2312.03732.
-  Zhao et al., "Continual Forgetting for Pre-trained Vision Models" (GS-LoRA),
-  arXiv:2403.16685; "Practical Continual Forgetting for Pre-trained Vision Models"
-  (GS-LoRA++), arXiv:2501.09705.
   huggingface/peft, src/peft/tuners/lora/layer.py (initialisation and scaling).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from jaxunlearn.models.layers import matmul
@@ -266,96 +259,14 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     return model
 
 
-# ----------------------------------------------------------------------------- GS-LoRA
-
-
-def layer_group(path: tuple[Any, ...]) -> str:
-    """GS-LoRA's default group of an adapter: the decoder layer holding it.
-
-    The path up to the first integer key (``("layers", 3, "mlp", "up_proj", "lora_a")`` ->
-    ``"layers.3"``); adapters outside a layer list form one group per module.
-    """
-    keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
-    for i, key in enumerate(keys):
-        if isinstance(key, int):
-            return ".".join(map(str, keys[: i + 1]))
-    return ".".join(map(str, keys[:-1]))
-
-
-def _groups(tree: Any, group_fn: Callable[[tuple], str]) -> tuple[list[str], Any]:
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    labels = [group_fn(tuple(p)) for p, _ in paths_leaves]
-    return labels, treedef
-
-
-def group_norms(params: Any, group_fn: Callable[[tuple], str] = layer_group) -> dict[str, Any]:
-    """{group: ``||theta_g||_2``} over the adapter groups of a parameter pytree."""
-    labels, _ = _groups(params, group_fn)
-    squares: dict[str, Any] = {}
-    for label, x in zip(labels, jax.tree.leaves(params)):
-        squares[label] = squares.get(label, 0.0) + jnp.sum(jnp.square(x.astype(jnp.float32)))
-    return {label: jnp.sqrt(s) for label, s in squares.items()}
-
-
-def group_sparse_penalty(
-    params: Any, strength: float, group_fn: Callable[[tuple], str] = layer_group
-) -> jax.Array:
-    """GS-LoRA's structure loss ``strength * sum_g ||theta_g||_2`` (a group lasso)."""
-    return strength * sum(group_norms(params, group_fn).values())
-
-
-def group_sparse(
-    strength: float, group_fn: Callable[[tuple], str] = layer_group
-) -> optax.GradientTransformation:
-    """Adds the gradient of GS-LoRA's group-sparse penalty to the incoming gradients.
-
-    ``g += strength * theta_g / ||theta_g||_2`` for each group g (zero for a group that is
-    exactly zero, the subgradient closest to 0). Put it before the optimizer, e.g.
-    ``optax.chain(group_sparse(1e-3), optax.adamw(1e-4))``; chained after GU's projection it
-    penalises the projected forget gradient.
-
-    Args:
-      strength: the penalty weight (GS-LoRA's alpha).
-      group_fn: maps a parameter's pytree path to its group label (default: `layer_group`).
-
-    Returns:
-      An optax transformation with an empty state; `update` needs ``params``.
-
-    References:
-      Zhao et al., arXiv:2403.16685 and arXiv:2501.09705 (GS-LoRA, GS-LoRA++).
-    """
-
-    def init(params):
-        del params
-        return optax.EmptyState()
-
-    def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("group_sparse needs params: call tx.update(grads, state, params).")
-        norms = group_norms(params, group_fn)
-        labels, treedef = _groups(params, group_fn)
-        leaves = []
-        for label, g, p in zip(labels, jax.tree.leaves(updates), jax.tree.leaves(params)):
-            norm = norms[label]
-            scale = jnp.where(norm > 0, strength / jnp.where(norm > 0, norm, 1.0), 0.0)
-            leaves.append(g + (scale * p.astype(jnp.float32)).astype(g.dtype))
-        return jax.tree.unflatten(treedef, leaves), state
-
-    return optax.GradientTransformation(init, update)
-
-
 __all__ = [
     "TARGETS",
     "Frozen",
     "LoRALinear",
     "LoRAParam",
     "apply_lora",
-    "group_norms",
-    "group_sparse",
-    "group_sparse_penalty",
     "is_lora",
     "kernel_names",
-    "layer_group",
     "lora_modules",
     "merge_lora",
 ]
