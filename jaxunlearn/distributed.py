@@ -146,6 +146,10 @@ class ProcessLocalSampler:
       sampler: the global sampler (every process builds the same one).
       mesh: the run's mesh.
 
+    It deliberately offers only ``batch_at`` (and ``seed``): `jaxunlearn.train.unlearn` then
+    runs reference log-probs (NPO, DPO) inside the step instead of precomputing them per item
+    on the host, which would need the global batch.
+
     Attributes:
       sampler: the wrapped sampler.
       mesh: the mesh.

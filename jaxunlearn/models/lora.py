@@ -17,6 +17,12 @@ reads and writes adapters in PEFT's format. Training helpers (the step with the 
 as a jit argument) are in `jaxunlearn.lora_train`, GS-LoRA's group-sparse penalty in
 `jaxunlearn.transforms` (`group_sparse`).
 
+Why not qwix's ``apply_lora_to_model``: it intercepts the model's matmuls at call time and
+recognises a weight only while it is an ``nnx.Param``, so the base kernels would have to stay
+trainable Params (the library's ``nnx.Param`` split would train and store optimizer state for
+the whole base) and the model's class is replaced by a generated subclass. A wrapper of
+``nnx.Linear`` keeps the model an ordinary NNX module whose Params are the adapters.
+
 The initialisation follows LoRA (B = 0, so the wrapped model starts equal to the base) and
 PEFT's default for A (uniform in ``[-1/sqrt(in), 1/sqrt(in)]``).
 
