@@ -114,6 +114,19 @@ def test_peft_loads_our_adapter_with_our_logits(hf_and_ours, tmp_path):
     back = peft_io.load_peft_adapter(model, out, base_model_name_or_path="tiny")
     np.testing.assert_allclose(np.asarray(back(jnp.asarray(IDS)).logits), ours, atol=1e-6)
 
+    # Keys with the adapter name (".default.weight") read the same; other keys are refused.
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    renamed = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
+    save_file(renamed, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    back = peft_io.load_peft_adapter(model, out)
+    np.testing.assert_allclose(np.asarray(back(jnp.asarray(IDS)).logits), ours, atol=1e-6)
+    save_file({"model.layers.0.q_proj.lora_A.weight": tensors[next(iter(tensors))]},
+              out / "adapter_model.safetensors")  # fmt: skip
+    with pytest.raises(ValueError, match="'model.layers.0.q_proj.lora_A.weight' is not a PEFT"):
+        peft_io.load_peft_adapter(model, out)
+
 
 def test_merged_model_exports_as_hf_directory(hf_and_ours, tmp_path):
     import torch

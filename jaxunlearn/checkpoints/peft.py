@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -151,25 +152,21 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+# base_model.model.<module>.lora_A.weight (PEFT also accepts .lora_A.default.weight)
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(\.default)?\.weight$")
+
+
 def _adapter_tensors(path: Path, file: _safetensors.SafetensorsFile) -> dict[str, dict[str, str]]:
     """{HF module name: {"A": key, "B": key}} from the safetensors keys."""
     out: dict[str, dict[str, str]] = {}
     for key in file.tensors:
-        stem = key[len(_PREFIX) :] if key.startswith(_PREFIX) else None
-        which = None
-        for suffix, w in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
-            for s in (suffix, suffix.replace(".weight", ".default.weight")):
-                if stem is not None and stem.endswith(s):
-                    stem, which = stem[: -len(s)], w
-                    break
-            if which:
-                break
-        if stem is None or which is None:
+        m = _KEY.match(key)
+        if m is None:
             raise ValueError(
                 f"{path / ADAPTER_WEIGHTS}: tensor {key!r} is not a PEFT LoRA weight "
                 f"({_PREFIX}<module>.lora_A.weight / .lora_B.weight)."
             )
-        out.setdefault(stem, {})[which] = key
+        out.setdefault(m["module"], {})[m["which"]] = key
     return out
 
 
