@@ -8,8 +8,10 @@ Megatron-style tensor parallelism for the Llama-family ports, combined with FSDP
 - row-parallel (input features split): ``o_proj`` and ``down_proj``, so attention and the MLP
   each need one reduction over ``"model"``;
 - vocabulary-parallel: ``embed_tokens.embedding [V, D]`` and ``lm_head.kernel [D, V]`` split
-  along V; the library's chunked log-softmax (`jaxunlearn.scores`) then runs on vocab-sharded
-  logits;
+  along V (parameters and optimizer state stored split). `jaxunlearn.scores`' chunked
+  log-softmax slices the head per chunk, for which the compiler gathers the head's V
+  columns; `jaxunlearn.vocab_parallel.token_logprob` computes the same log-probs from each
+  device's own columns;
 - everything else (norms), and the other dimension of every split tensor, follows the FSDP
   rule of `jaxunlearn.parallel.fsdp_spec` on the ``"fsdp"`` axis.
 
