@@ -5,7 +5,7 @@ float32, random weights). One GradDiff step (forget batch + retain batch of B x 
 answer-only labels, AdamW) four ways:
 
 - jaxunlearn full-parameter: `train.make_step` on ``split_model(model)``;
-- jaxunlearn LoRA: `lora_train.make_step` (``train.make_step`` with the frozen base passed as
+- jaxunlearn LoRA: ``train.make_step`` (the frozen base passed as
   an argument) on ``split_model(apply_lora(model, rank, alpha))`` (adapters on q, k, v, o,
   gate, up, down; the frozen base outside the trained state);
 - torch full-parameter: transformers ``LlamaForCausalLM`` + ``torch.optim.AdamW``;
@@ -38,7 +38,7 @@ import optax
 from bench_model import _interleaved_times, add_model_args, hf_config  # noqa: E402
 from flax import nnx
 
-from jaxunlearn import lora_train, objectives, train
+from jaxunlearn import objectives, train
 from jaxunlearn.models import ModelConfig, build_model, lora
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -56,16 +56,16 @@ def _bytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def jax_step(model, batch, lr: float, make_step=train.make_step):
+def jax_step(model, batch, lr: float):
     """(run_one_step, facts) for `make_step` on `model` (full or LoRA)."""
     graphdef, params, rest = train.split_model(model)
     objective = objectives.grad_diff()
-    step = make_step(graphdef, rest, objective, optax.adamw(lr, weight_decay=0.01))
+    step = train.make_step(graphdef, rest, objective, optax.adamw(lr, weight_decay=0.01))
     params = jax.tree.map(jnp.copy, params)
     opt_state = step.init(params)
     compiled = (
         jax.jit(step.update_fn, donate_argnums=(0, 1))
-        .lower(params, opt_state, batch, None, step.ref_params)
+        .lower(params, opt_state, batch, None, step.frozen)
         .compile()
     )
     mem = compiled.memory_analysis()
@@ -147,7 +147,7 @@ def main(argv=None):
     model = build_model(ModelConfig.from_hf_dict(hf_cfg.to_dict()), rngs=nnx.Rngs(0))
     lora_model = lora.apply_lora(model, rank=args.rank, alpha=args.alpha, targets=TARGETS)
     j_full, j_full_facts = jax_step(model, batch, args.lr)
-    j_lora, j_lora_facts = jax_step(lora_model, batch, args.lr, lora_train.make_step)
+    j_lora, j_lora_facts = jax_step(lora_model, batch, args.lr)
 
     torch.manual_seed(0)
     to_t = lambda b: {k: torch.from_numpy(v).long() for k, v in b.items()}  # noqa: E731

@@ -163,6 +163,10 @@ class ProcessLocalSampler:
         self.mesh = mesh
         self.seed = getattr(sampler, "seed", None)
 
+    def fingerprint(self) -> str:
+        """The global sampler's fingerprint: every process resumes the same run."""
+        return self.sampler.fingerprint()
+
     def batch_at(self, step: int) -> dict[str, dict[str, np.ndarray]]:
         """This process's rows of ``sampler.batch_at(step)`` (same values, same padding)."""
         examples = self.sampler.examples_at(step)

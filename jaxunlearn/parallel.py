@@ -177,13 +177,14 @@ def place_batch(batch: Any, mesh: Mesh | None) -> Any:
 def place_split_model(params: Any, rest: Any, mesh: Mesh | None) -> tuple[Any, Any]:
     """Places a split model (``nnx.split(model, nnx.Param, ...)``) on `mesh`.
 
-    Parameters get their FSDP shardings (`param_sharding`), the rest of the state is
-    replicated. With no mesh both are returned unchanged.
+    Parameters and the rest of the state (e.g. a LoRA model's frozen base) both get FSDP
+    shardings (`param_sharding`): a large frozen base is not replicated on every device. With
+    no mesh both are returned unchanged.
     """
     if mesh is None:
         return params, rest
     params = jax.device_put(params, param_sharding(params, mesh))
-    return params, jax.device_put(rest, NamedSharding(mesh, P()))
+    return params, jax.device_put(rest, param_sharding(rest, mesh))
 
 
 def initialize_distributed(**kwargs: Any) -> None:

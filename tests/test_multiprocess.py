@@ -31,7 +31,7 @@ COMMON = """
 WORKER = """
     import sys
     from jax.experimental import multihost_utils
-    from jaxunlearn import checkpoints, distributed
+    from jaxunlearn import distributed
 
     pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     jax.distributed.initialize(
@@ -41,24 +41,17 @@ WORKER = """
     model, sampler, objective, tx = setup()
     mesh = parallel.mesh(data=1, fsdp=8)
     assert distributed.process_rows(mesh, 8) == slice(4 * pid, 4 * pid + 4)
-    local = distributed.ProcessLocalSampler(sampler, mesh)
+    read = {}  # part -> {step: this process's rows}
 
-    # The driver change this test stands in for: unlearn places process-local batches with
-    # distributed.place_process_batch instead of parallel.shard_batch.
-    read = {}
+    class Recorded(distributed.ProcessLocalSampler):
+        def batch_at(self, step):
+            batch = super().batch_at(step)
+            for name, part in batch.items():
+                read.setdefault(name, {})[step] = np.asarray(part["input_ids"])
+            return batch
 
-    def place(batch, mesh):
-        for name, part in batch.items():
-            read.setdefault(name, []).append(np.asarray(part["input_ids"]))
-        return distributed.place_process_batch(batch, mesh)
-
-    train._place = place
-    # And the PRNG key of the training state goes onto the mesh (orbax cannot save a
-    # host-local array from several processes).
-    save = checkpoints.TrainCheckpointer.save
-    checkpoints.TrainCheckpointer.save = lambda self, step, state, **kw: save(
-        self, step, distributed.replicate_on_mesh(state, mesh), **kw
-    )
+    # unlearn sees process_local and places each batch with distributed.place_process_batch.
+    local = Recorded(sampler, mesh)
     result = train.unlearn(
         model, objective, tx, local, steps=STEPS, mesh=mesh, progress=False,
         checkpoint_dir=f"{out}/ckpt",
@@ -70,7 +63,10 @@ WORKER = """
         ".".join(map(str, p)): np.asarray(multihost_utils.process_allgather(v.get_value(), tiled=True))
         for p, v in nnx.to_flat_state(params)
     }
-    np.savez(f"{out}/rows{pid}.npz", **{k: np.stack(v) for k, v in read.items()})
+    np.savez(
+        f"{out}/rows{pid}.npz",
+        **{k: np.stack([v[s] for s in sorted(v)]) for k, v in read.items()},
+    )
     if pid == 0:
         np.savez(f"{out}/params.npz", **flat)
         np.savez(f"{out}/losses.npz", loss=np.asarray([m["loss"] for m in result.metrics]))

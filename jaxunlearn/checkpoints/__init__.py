@@ -4,8 +4,8 @@
   (config.json + safetensors), placed straight onto a mesh when loading.
 - `TrainCheckpointer`: asynchronous, atomic, rotating orbax checkpoints of a training state,
   restorable onto a different mesh; `save_model_orbax` / `load_model_orbax` for models.
-- `convert.convert` / `convert.main`: Hugging Face <-> orbax (the ``jaxunlearn convert``
-  command). The function is not re-exported here so that `checkpoints.convert` stays the
+- `save_peft_adapter` / `load_peft_adapter`: LoRA adapters in PEFT's format.
+- `convert.convert`: Hugging Face <-> orbax (the ``jaxunlearn convert`` command). The function is not re-exported here so that `checkpoints.convert` stays the
   module.
 """
 
@@ -17,14 +17,17 @@ from jaxunlearn.checkpoints.orbax import (
     load_model_orbax,
     save_model_orbax,
 )
+from jaxunlearn.checkpoints.peft import load_peft_adapter, save_peft_adapter
 
 __all__ = [
     "TrainCheckpointer",
     "abstract_target",
     "convert",
     "load_model_orbax",
+    "load_peft_adapter",
     "load_pretrained",
     "load_tokenizer",
     "save_model_orbax",
+    "save_peft_adapter",
     "save_pretrained",
 ]

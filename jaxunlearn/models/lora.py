@@ -7,15 +7,16 @@ base weight of the copy (kernels, embeddings, norms) becomes a `Frozen` variable
 *not* an ``nnx.Param``; the adapters ``A [in, r]`` and ``B [r, out]`` are `nnx.LoRAParam`, a
 subclass of ``nnx.Param``. So the library's functional split ``nnx.split(model, nnx.Param,
 ...)`` (`jaxunlearn.train.split_model`) yields exactly the adapters as the trainable state
-and the frozen base as the constant rest: every objective and optax transformation of the
+and the frozen base as the rest (passed to the jitted step as an argument, FSDP-sharded on a
+mesh): every objective and optax transformation of the
 library (GU's retain projection, HAMU, ...) runs unchanged on adapter gradients, the
 optimizer state has the adapters' size, and checkpoints hold the adapters only.
 
 `merge_lora` folds the adapters into the kernels (``W + (alpha / r) A B``) and returns a plain
 model that `jaxunlearn.checkpoints.save_pretrained` exports; `jaxunlearn.checkpoints.peft`
-reads and writes adapters in PEFT's format. Training helpers (the step with the frozen base
-as a jit argument) are in `jaxunlearn.lora_train`, GS-LoRA's group-sparse penalty in
-`jaxunlearn.transforms` (`group_sparse`).
+reads and writes adapters in PEFT's format; a LoRA model trains with the ordinary
+``jaxunlearn.unlearn`` (only its adapters are ``nnx.Param``). GS-LoRA's group-sparse penalty
+is in `jaxunlearn.transforms` (`group_sparse`).
 
 Why not qwix's ``apply_lora_to_model``: it intercepts the model's matmuls at call time and
 recognises a weight only while it is an ``nnx.Param``, so the base kernels would have to stay

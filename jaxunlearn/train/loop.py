@@ -292,8 +292,13 @@ def unlearn(
         mesh=mesh,
     )  # fmt: skip
     batch_at = batch_source(data)
+    place = place_batch
+    if getattr(data, "process_local", False):  # batches hold only this process's rows
+        from jaxunlearn.distributed import place_process_batch as place
     opt_state = step_fn.init(params)
     rng = jax.random.PRNGKey(seed)
+    if mesh is not None:  # a global array: orbax cannot save host-local ones from N processes
+        rng = jax.device_put(rng, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     ckpt, start = None, 0
     if checkpoint_dir is not None:
@@ -314,7 +319,7 @@ def unlearn(
             params, opt_state, rng = restored["params"], restored["opt_state"], restored["rng"]
             objective_state = restored.get("objective_state", objective_state)
         return _run(
-            step_fn, graphdef, rest, params, opt_state, objective_state, rng, batch_at,
+            step_fn, graphdef, rest, params, opt_state, objective_state, rng, batch_at, place,
             start=start, steps=steps, mesh=mesh, run_info=record, ckpt=ckpt,
             checkpoint_every=checkpoint_every, log_path=log_path,
             tensorboard_dir=tensorboard_dir, progress=progress, on_nonfinite=on_nonfinite,
@@ -330,9 +335,9 @@ def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _run(
-    step_fn, graphdef, rest, params, opt_state, objective_state, rng, batch_at, *, start, steps,
-    mesh, run_info, ckpt, checkpoint_every, log_path, tensorboard_dir, progress, on_nonfinite,
-    callback,
+    step_fn, graphdef, rest, params, opt_state, objective_state, rng, batch_at, place, *, start,
+    steps, mesh, run_info, ckpt, checkpoint_every, log_path, tensorboard_dir, progress,
+    on_nonfinite, callback,
 ) -> UnlearnResult:  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -354,14 +359,14 @@ def _run(
         ckpt.save(cursor, state, metadata=meta, force=True)
 
     try:
-        batch = place_batch(batch_at(start), mesh) if start < steps else None
+        batch = place(batch_at(start), mesh) if start < steps else None
         for step in range(start, steps):
             t0 = time.perf_counter()
             params, opt_state, objective_state, metrics = step_fn(
                 params, opt_state, batch, objective_state
             )
             # Build the next batch on the host while the device runs this step.
-            batch = place_batch(batch_at(step + 1), mesh) if step + 1 < steps else None
+            batch = place(batch_at(step + 1), mesh) if step + 1 < steps else None
             record = {"step": step, **_host_metrics(metrics)}
             finite = record.pop("finite") > 0
             stop = record.pop("stop", 0.0) > 0

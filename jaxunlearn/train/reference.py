@@ -72,10 +72,10 @@ def reference_parts(
     return set(calls)
 
 
-def _reference_logprob_fn(ref_graphdef: nnx.GraphDef, ref_rest: Any) -> Callable:
+def _reference_logprob_fn(ref_graphdef: nnx.GraphDef) -> Callable:
     from jaxunlearn.objectives import reference_logprob
 
-    def fn(ref_params, batch):
+    def fn(ref_params, ref_rest, batch):  # both arguments: never compiled-in constants
         return reference_logprob(model_forward(ref_graphdef, ref_params, ref_rest), batch)
 
     return jax.jit(fn)
@@ -122,7 +122,8 @@ class ReferenceLogprobs:
         self.ref_params = ref_params
         self.rows = int(sampler.batch_size)
         self.mesh = mesh
-        self._score = _reference_logprob_fn(ref_graphdef, ref_rest)
+        self.ref_rest = ref_rest
+        self._score = _reference_logprob_fn(ref_graphdef)
         self._cache: dict[str, dict[Any, float]] = {part: {} for part in self.parts}
         pad = dict(getattr(sampler, "_pad", {}))
         self._buckets = tuple(pad.pop("buckets", ()))
@@ -172,7 +173,8 @@ class ReferenceLogprobs:
                 ]
                 examples += [examples[-1]] * (self.rows - len(chunk))  # fixed shape: pad rows
                 seq = pad_to_bucket(examples, (bucket,), **self._pad)
-                values = np.asarray(self._score(self.ref_params, place_batch(seq, self.mesh)))
+                values = self._score(self.ref_params, self.ref_rest, place_batch(seq, self.mesh))
+                values = np.asarray(values)
                 cache.update(zip(chunk, values[: len(chunk)].tolist()))
 
     def batch_at(self, step: int) -> dict[str, dict[str, np.ndarray]]:

@@ -317,19 +317,21 @@ class TrainStep:
 
     Call it as ``params, opt_state, objective_state, metrics = step(params, opt_state, batch,
     objective_state)``. The inputs `params` and `opt_state` are donated: do not reuse them.
-    The frozen reference parameters travel as a separate, non-donated argument.
+    Everything frozen (the reference parameters, the model's non-trained state such as a LoRA
+    model's base weights) travels as a separate, non-donated argument: closed over, `jax.jit`
+    would compile those arrays into the executable as constants.
 
     Args:
-      update_fn: pure ``(params, opt_state, batch, objective_state, ref_params) ->
+      update_fn: pure ``(params, opt_state, batch, objective_state, frozen) ->
         (params, opt_state, objective_state, metrics)``.
       init_fn: ``params -> opt_state``.
-      ref_params: frozen reference parameters passed to every call (or None).
+      frozen: the frozen inputs passed to every call (any pytree, or None).
     """
 
-    def __init__(self, update_fn: Callable, init_fn: Callable, ref_params: Any = None):
+    def __init__(self, update_fn: Callable, init_fn: Callable, frozen: Any = None):
         self.update_fn = update_fn
         self.init_fn = init_fn
-        self.ref_params = ref_params
+        self.frozen = frozen
         self._jitted = None
 
     def init(self, params: Any) -> Any:
@@ -359,7 +361,7 @@ class TrainStep:
             self._compile_for(params, opt_state, objective_state)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_DONATION_WARNING)
-            return self._jitted(params, opt_state, batch, objective_state, self.ref_params)
+            return self._jitted(params, opt_state, batch, objective_state, self.frozen)
 
     def cache_size(self) -> int:
         """How many executables the step has compiled (one per batch shape)."""
@@ -440,7 +442,8 @@ def make_step(
 
     Args:
       graphdef: from ``nnx.split(model, nnx.Param, ...)``.
-      rest: the model's non-parameter state (constant during training).
+      rest: the model's non-parameter state (constant during training; a jit argument, so a
+        LoRA model's frozen base is an input buffer, not compiled-in constants).
       objective: a combined objective (`objectives.forget_retain`, `objectives.pdu`, ...) or any
         ``term(forward, batch, *, ref_forward=None) -> (loss, aux)``.
       tx: the optax transformation.
@@ -464,7 +467,8 @@ def make_step(
     ref_graphdef = graphdef if ref_graphdef is None else ref_graphdef
     ref_rest = rest if ref_rest is None else ref_rest
 
-    def update_fn(params, opt_state, batch, objective_state, ref_params):
+    def update_fn(params, opt_state, batch, objective_state, frozen):
+        ref_params, rest, ref_rest = frozen
         split = wants_retain_grads(tx, params)  # decided once per compilation, from shapes
         if split:
             check_split_objective(objective)
@@ -504,4 +508,4 @@ def make_step(
         metrics["stop"] = stop_requested(new_opt_state).astype(jnp.float32)
         return new_params, new_opt_state, new_state, metrics
 
-    return TrainStep(update_fn, tx.init, ref_params)
+    return TrainStep(update_fn, tx.init, (ref_params, rest, ref_rest))
