@@ -2,9 +2,11 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -34,7 +36,10 @@ def _images(channels, size, n=3, seed=0):
 
 
 def _jax_logits(model, x_nchw):
-    out = model(jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
+    graphdef, state = nnx.split(model)
+    out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(
+        state, jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
+    )
     return np.asarray(out.logits), np.asarray(out.features)
 
 
@@ -141,17 +146,28 @@ def test_resnet18_config_and_train_mode_batch_norm():
     """ResNet-18 preset has HF's resnet-18 shape; train=True uses batch statistics."""
     cfg = ResNetConfig.resnet18(num_labels=10, num_channels=1, width=8)
     assert cfg.depths == (2, 2, 2, 2) and cfg.hidden_sizes == (8, 16, 32, 64)
-    model = build_classifier(cfg)
+    tiny = ResNetConfig(10, 1, 4, (4, 8), (1, 1), "basic")
+    model = build_classifier(tiny)
     x = jnp.asarray(_images(1, 8, n=4).transpose(0, 2, 3, 1))
-    eval_logits = model(x).logits
-    train_logits = model(x, train=True).logits  # also updates the running averages
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def both(state, x):
+        m = nnx.merge(graphdef, state)
+        eval_logits = m(x).logits
+        train_logits = m(x, train=True).logits  # also updates the running averages
+        return eval_logits, train_logits, nnx.state(m, nnx.BatchStat)
+
+    eval_logits, train_logits, stats = both(state, x)
+    assert eval_logits.shape == (4, 10)
     assert not np.allclose(eval_logits, train_logits)
-    assert model(x).logits.shape == (4, 10)
+    mean = stats["resnet"]["embedder"]["embedder"]["normalization"]["mean"][...]
+    assert np.abs(np.asarray(mean)).max() > 0  # running mean moved from its initial 0
 
 
 def test_cnn_shapes():
     model = build_classifier(CNNConfig(num_labels=7, num_channels=3, image_size=32))
-    out = model(jnp.zeros((2, 32, 32, 3)))
+    out = nnx.jit(lambda m, x: m(x))(model, jnp.zeros((2, 32, 32, 3)))
     assert out.logits.shape == (2, 7) and out.features.shape == (2, 64)
 
 
