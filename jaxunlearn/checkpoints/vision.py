@@ -26,8 +26,8 @@ from jaxunlearn.models.vision import (
     ResNetConfig,
     ViTConfig,
     build_classifier,
+    hf_keys,
 )
-from jaxunlearn.models.vision import hf_keys
 
 _ARCHITECTURES = {
     "resnet": ("ResNetForImageClassification", ResNetConfig),
@@ -108,7 +108,10 @@ def load_classifier(directory: str | os.PathLike) -> tuple[nnx.Module, dict[str,
     nnx.update(
         model,
         nnx.from_flat_state(
-            [(path, var.replace(jax.numpy.asarray(values[n]))) for n, (path, var) in variables.items()]
+            [
+                (path, var.replace(jax.numpy.asarray(values[n])))
+                for n, (path, var) in variables.items()
+            ]
         ),
     )
     return model, hf

@@ -62,7 +62,9 @@ class ResNetConfig:
 
     def __post_init__(self):
         if self.layer_type not in ("basic", "bottleneck"):
-            raise ValueError(f"ResNetConfig.layer_type must be basic/bottleneck, got {self.layer_type!r}.")
+            raise ValueError(
+                f"ResNetConfig.layer_type must be basic/bottleneck, got {self.layer_type!r}."
+            )
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(
                 f"ResNetConfig.hidden_act {self.hidden_act!r} is not supported; use one of "

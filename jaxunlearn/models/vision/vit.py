@@ -73,7 +73,9 @@ class ViTConfig:
                 f"num_attention_heads {self.num_attention_heads}."
             )
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"ViTConfig.hidden_act {self.hidden_act!r} not in {sorted(_ACTIVATIONS)}.")
+            raise ValueError(
+                f"ViTConfig.hidden_act {self.hidden_act!r} not in {sorted(_ACTIVATIONS)}."
+            )
 
     @property
     def num_patches(self) -> int:
