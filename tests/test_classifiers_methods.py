@@ -116,11 +116,11 @@ def _plain_batch_mean_fisher(model, data, batch_size):
 
 
 def test_ssd_method_equals_plain_rule(splits, target):
-    task = full_class(splits, 3)
+    task = full_class(splits, 4)  # 24 forget images: batches of 24 divide both sets
     order = np.r_[np.flatnonzero(task.retain), np.flatnonzero(task.forget)]
-    params, i_full = _plain_batch_mean_fisher(target, task.train.subset(order), 32)
-    _, i_forget = _plain_batch_mean_fisher(target, task.forget_set(), 32)
-    out = ssd_method(target, task, alpha=10.0, lam=1.0, batch_size=32)
+    params, i_full = _plain_batch_mean_fisher(target, task.train.subset(order), 24)
+    _, i_forget = _plain_batch_mean_fisher(target, task.forget_set(), 24)
+    out = ssd_method(target, task, alpha=2.0, lam=1.0, batch_size=24)
     new = nnx.state(out, nnx.Param)
     selected_any = False
     for (path, theta), f_d, f_f, got in zip(
@@ -128,7 +128,7 @@ def test_ssd_method_equals_plain_rule(splits, target):
         jax.tree.leaves(i_forget), jax.tree.leaves(new),
     ):  # fmt: skip
         theta = np.asarray(theta, np.float64)
-        sel = f_f > 10.0 * f_d
+        sel = f_f > 2.0 * f_d
         beta = np.minimum(f_d / np.where(sel, f_f, 1.0), 1.0)
         expected = np.where(sel, beta * theta, theta)
         np.testing.assert_allclose(
