@@ -184,3 +184,46 @@ def check_num_labels(num_labels: int, classes: int, *, where: str) -> None:
             f"{classes} classes; pass data with the checkpoint's classes, or replace the head "
             "(fine-tune a new classifier) before unlearning."
         )
+
+
+def save_model_state(model: nnx.Module, directory: str | os.PathLike, metadata: dict) -> Path:
+    """Writes every parameter and batch statistic of any vision port (the small CNN too).
+
+    The tensors keep their NNX dotted names (``model.safetensors``) and `metadata` goes to
+    ``meta.json``; `load_model_state` rebuilds the model from its config. This is the
+    pipeline's cache format; `save_classifier` is the Hugging Face export.
+    """
+    tensors = [
+        _safetensors.TensorToWrite(
+            name, tuple(np.shape(var.get_value())), np.dtype(np.float32),
+            lambda v=var: np.asarray(v.get_value(), np.float32),
+        )
+        for name, (_, var) in _variables(model).items()
+    ]  # fmt: skip
+    with atomic_directory(directory, overwrite=True) as tmp:
+        _safetensors.write_file(tmp / "model.safetensors", tensors, {"format": "jaxunlearn"})
+        (tmp / "meta.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+    return Path(directory)
+
+
+def load_model_state(directory: str | os.PathLike, config: Any) -> nnx.Module:
+    """Rebuilds a model of `config` from a `save_model_state` directory.
+
+    Raises:
+      ValueError: a tensor is missing or shaped differently from `config`'s model.
+    """
+    f = _safetensors.SafetensorsFile(Path(directory) / "model.safetensors")
+    model = build_classifier(config)
+    flat = []
+    for name, (path, var) in _variables(model).items():
+        if name not in f:
+            raise ValueError(f"{f.path}: no tensor {name!r}; the cache does not match the config.")
+        value = f.get(name)
+        if value.shape != var.get_value().shape:
+            raise ValueError(
+                f"{f.path}: {name!r} has shape {value.shape}, the config implies "
+                f"{var.get_value().shape}."
+            )
+        flat.append((path, var.replace(jax.numpy.asarray(value))))
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model

@@ -190,22 +190,36 @@ def ofmu(model, task: Task, *, lr_inner=2e-3, lr_outer=0.01, inner_steps=2, beta
                 ofmu=method)  # fmt: skip
 
 
-def _batches(data: ImageDataset, batch_size: int, labels: bool = True):
+def _batches(data: ImageDataset, batch_size: int):
+    """Consecutive batches, the last one padded to `batch_size` with zero-weight rows.
+
+    Every batch then has one shape, so the importance pass compiles once for both D and
+    D_f; the losses below average over the weighted (real) rows only, so each batch's
+    gradient is exactly that of its real examples (SSD's DataLoader keeps the short last
+    batch).
+    """
     for start in range(0, len(data), batch_size):
-        batch = {"images": jnp.asarray(data.images[start : start + batch_size])}
-        if labels:
-            batch["labels"] = jnp.asarray(data.labels[start : start + batch_size])
-        yield batch
+        images = data.images[start : start + batch_size]
+        labels = data.labels[start : start + batch_size]
+        pad = batch_size - len(labels)
+        weights = np.r_[np.ones(len(labels)), np.zeros(pad)].astype(np.float32)
+        if pad:
+            images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+            labels = np.concatenate([labels, np.repeat(labels[-1:], pad, 0)])
+        yield {"images": jnp.asarray(images), "labels": jnp.asarray(labels),
+               "weights": jnp.asarray(weights)}  # fmt: skip
 
 
-def _dampen(model, task, importance, one_shot, *, alpha, lam, batch_size, label_free):
+def _dampen(model, task, importance, one_shot, *, alpha, lam, batch_size):
     graphdef, params, rest = train.split_model(model)
     # Full data D = retain then forget, unshuffled (SSD's ConcatDataset(retain, forget)).
     order = np.concatenate([np.flatnonzero(task.retain), np.flatnonzero(task.forget)])
     full = task.train.subset(order)
-    i_full = importance(params, _batches(full, batch_size, not label_free))
-    i_forget = importance(params, _batches(task.forget_set(), batch_size, not label_free))
-    params = one_shot(params, i_full, i_forget, alpha=alpha, lam=lam)
+    i_full = importance(params, _batches(full, batch_size))
+    i_forget = importance(params, _batches(task.forget_set(), batch_size))
+    # One compiled function: eager tree_maps compile every elementwise op per leaf shape.
+    dampen = jax.jit(lambda p, a, b: one_shot(p, a, b, alpha=alpha, lam=lam))
+    params = dampen(params, i_full, i_forget)
     return nnx.merge(graphdef, params, rest)
 
 
@@ -219,7 +233,7 @@ def ssd(model, task: Task, *, alpha=10.0, lam=1.0, batch_size=None):
         return transforms.fisher_diagonal(loss, params, batches, convention="batch_mean")
 
     return _dampen(model, task, importance, transforms.ssd, alpha=alpha, lam=lam,
-                   batch_size=batch_size, label_free=False)  # fmt: skip
+                   batch_size=batch_size)  # fmt: skip
 
 
 def lf_ssd(model, task: Task, *, alpha=10.0, lam=1.0, batch_size=None):
@@ -232,7 +246,7 @@ def lf_ssd(model, task: Task, *, alpha=10.0, lam=1.0, batch_size=None):
         return transforms.importance_abs(loss, params, batches)
 
     return _dampen(model, task, importance, transforms.lf_ssd, alpha=alpha, lam=lam,
-                   batch_size=batch_size, label_free=True)  # fmt: skip
+                   batch_size=batch_size)  # fmt: skip
 
 
 def ssd_loss(graphdef: nnx.GraphDef, rest: Any) -> Callable:
@@ -244,14 +258,22 @@ def ssd_loss(graphdef: nnx.GraphDef, rest: Any) -> Callable:
 
     def loss(params, batch):
         logits = train.model_forward(graphdef, params, rest)(images=batch["images"]).logits
-        return cob.mean_cross_entropy(logits, batch["labels"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["labels"]
+        )
+        w = batch.get("weights", jnp.ones_like(ce))
+        return jnp.sum(w * ce) / jnp.sum(w)
 
     return loss
 
 
 def _lf_loss(graphdef, rest) -> Callable:
     def logits_fn(params, batch):
-        return train.model_forward(graphdef, params, rest)(images=batch["images"]).logits
+        logits = train.model_forward(graphdef, params, rest)(images=batch["images"]).logits
+        # loss_free_loss averages ||f||^2 over all B rows; scaling row i by
+        # sqrt(w_i · B / sum w) turns that into the mean over the real rows.
+        w = batch.get("weights", jnp.ones(logits.shape[0]))
+        return logits * jnp.sqrt(w * w.shape[0] / jnp.sum(w))[:, None]
 
     return transforms.loss_free_loss(logits_fn)
 
