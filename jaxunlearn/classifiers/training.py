@@ -2,8 +2,8 @@
 
 One recipe (`TrainRecipe`) trains both the target (all training data) and the oracle (the
 retain data only), so their difference is the forget data alone, as the SSD and SalUn
-retrain baselines require. SGD with momentum and weight decay under a one-cycle-free
-cosine schedule; batch norm in training mode (batch statistics, running averages
+retrain baselines require. SGD with momentum and weight decay under a cosine
+schedule; batch norm in training mode (batch statistics, running averages
 updated); the example order is a pure function of (seed, epoch).
 """
 
@@ -45,13 +45,20 @@ class TrainRecipe:
     seed: int = 0
 
 
-def sgd(recipe: TrainRecipe, steps: int) -> optax.GradientTransformation:
-    """torch-style SGD: weight decay added to the gradient, momentum, cosine schedule."""
-    schedule = optax.cosine_decay_schedule(recipe.learning_rate, max(steps, 1))
+@functools.lru_cache(maxsize=16)
+def sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
+    """torch-style SGD (weight decay added to the gradient, then momentum) whose learning
+    rate is a state entry set each step, so one object (and one compiled step) serves every
+    run with the same momentum and decay, whatever its schedule."""
     return optax.chain(
-        optax.add_decayed_weights(recipe.weight_decay),
-        optax.sgd(schedule, momentum=recipe.momentum or None),
+        optax.add_decayed_weights(weight_decay),
+        optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=momentum or None),
     )
+
+
+def cosine_lr(recipe: TrainRecipe, step: int, total: int) -> float:
+    """Cosine decay from the recipe's learning rate to 0 over `total` steps."""
+    return 0.5 * recipe.learning_rate * (1.0 + np.cos(np.pi * min(step, total) / max(total, 1)))
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
@@ -100,18 +107,23 @@ def train_classifier(
     model = build_classifier(config, seed=recipe.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     steps_per_epoch = -(-len(data) // recipe.batch_size)
-    tx = sgd(recipe, recipe.epochs * steps_per_epoch)
+    total = recipe.epochs * steps_per_epoch
+    tx = sgd(recipe.momentum, recipe.weight_decay)
     opt_state = tx.init(params)
     images, labels = jnp.asarray(data.images), jnp.asarray(data.labels)
     losses = []
+    step = 0
     for epoch in range(recipe.epochs):
-        total = 0.0
+        epoch_loss = 0.0
         for idx in epoch_batches(len(data), recipe.batch_size, recipe.seed, epoch):
+            lr = cosine_lr(recipe, step, total)
+            opt_state[1].hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
             params, rest, opt_state, loss = _train_step(
                 graphdef, params, rest, opt_state, images[idx], labels[idx], tx=tx
             )
-            total += float(loss)
-        losses.append(total / steps_per_epoch)
+            epoch_loss += float(loss)
+            step += 1
+        losses.append(epoch_loss / steps_per_epoch)
     return nnx.merge(graphdef, params, rest), {"loss": losses}
 
 

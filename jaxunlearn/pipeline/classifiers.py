@@ -30,7 +30,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxunlearn.checkpoints.vision import check_num_labels, load_model_state, save_model_state
+from jaxunlearn.checkpoints.vision import (
+    check_num_labels,
+    load_classifier,
+    load_model_state,
+    save_model_state,
+)
 from jaxunlearn.classifiers import leaderboard as lb
 from jaxunlearn.classifiers import metrics as cm
 from jaxunlearn.classifiers.evaluate import evaluate_classifier
@@ -229,6 +234,7 @@ def run_classifiers(
     data_path: str | os.PathLike | None = None,
     methods: Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> ClassifierRun:
     """Runs the classifier-unlearning benchmark and writes its leaderboard.
@@ -242,6 +248,9 @@ def run_classifiers(
       data_path: the CIFAR archive or image folder for presets that need one.
       methods: method names (default: the preset's, all of `METHODS`).
       cache_dir: where target and oracle are cached (default `default_cache_dir()`).
+      checkpoint: a Hugging Face ResNet / ViT image classifier to use as the target instead
+        of training one (its label count must match the data's classes); the oracle is
+        trained from scratch with the same architecture and the preset's recipe.
       log: where progress lines go.
 
     Returns:
@@ -264,10 +273,14 @@ def run_classifiers(
     if forget is None and scenario not in preset.forget:
         raise ValueError(f"preset {preset.name!r} has no default forget target for {scenario!r}.")
     task = make_task(data, scenario, preset.forget[scenario] if forget is None else forget)
-    config = model_config(preset, task)
-    target, t_seconds, _ = cached_model(config, preset.recipe, data, task, "target", cache, log)
+    if checkpoint is not None:
+        target, _ = load_classifier(checkpoint)
+        config, t_seconds = target.config, None
+        check_num_labels(config.num_labels, task.num_labels, where=str(checkpoint))
+    else:
+        config = model_config(preset, task)
+        target, t_seconds, _ = cached_model(config, preset.recipe, data, task, "target", cache, log)
     oracle, o_seconds, _ = cached_model(config, preset.recipe, data, task, "oracle", cache, log)
-    check_num_labels(config.num_labels, task.num_labels, where=f"preset {preset.name}")
     incompetent = build_classifier(config, seed=preset.recipe.seed + 1000)
 
     def evaluate(model):
