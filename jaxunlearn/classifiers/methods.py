@@ -14,7 +14,7 @@ hyperparameters (scaled for the small digits/CIFAR presets, not tuned per scenar
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -190,7 +190,7 @@ def ofmu(model, task: Task, *, lr_inner=2e-3, lr_outer=0.01, inner_steps=2, beta
                 ofmu=method)  # fmt: skip
 
 
-def _batches(data: ImageDataset, batch_size: int):
+def weighted_batches(data: ImageDataset, batch_size: int) -> Iterator[dict[str, jax.Array]]:
     """Consecutive batches, the last one padded to `batch_size` with zero-weight rows.
 
     Every batch then has one shape, so the importance pass compiles once for both D and
@@ -215,8 +215,8 @@ def _dampen(model, task, importance, one_shot, *, alpha, lam, batch_size):
     # Full data D = retain then forget, unshuffled (SSD's ConcatDataset(retain, forget)).
     order = np.concatenate([np.flatnonzero(task.retain), np.flatnonzero(task.forget)])
     full = task.train.subset(order)
-    i_full = importance(params, _batches(full, batch_size))
-    i_forget = importance(params, _batches(task.forget_set(), batch_size))
+    i_full = importance(params, weighted_batches(full, batch_size))
+    i_forget = importance(params, weighted_batches(task.forget_set(), batch_size))
     # One compiled function: eager tree_maps compile every elementwise op per leaf shape.
     dampen = jax.jit(lambda p, a, b: one_shot(p, a, b, alpha=alpha, lam=lam))
     params = dampen(params, i_full, i_forget)
