@@ -14,6 +14,7 @@ hyperparameters (scaled for the small digits/CIFAR presets, not tuned per scenar
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -190,6 +191,13 @@ def ofmu(model, task: Task, *, lr_inner=2e-3, lr_outer=0.01, inner_steps=2, beta
                 ofmu=method)  # fmt: skip
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_rule(one_shot: Callable, alpha: float, lam: float) -> Callable:
+    # One compiled function, reused across requests: eager tree_maps would compile every
+    # elementwise op per leaf shape.
+    return jax.jit(lambda p, a, b: one_shot(p, a, b, alpha=alpha, lam=lam))
+
+
 def weighted_batches(data: ImageDataset, batch_size: int) -> Iterator[dict[str, jax.Array]]:
     """Consecutive batches, the last one padded to `batch_size` with zero-weight rows.
 
@@ -217,16 +225,18 @@ def _dampen(model, task, importance, one_shot, *, alpha, lam, batch_size):
     full = task.train.subset(order)
     i_full = importance(params, weighted_batches(full, batch_size))
     i_forget = importance(params, weighted_batches(task.forget_set(), batch_size))
-    # One compiled function: eager tree_maps compile every elementwise op per leaf shape.
-    dampen = jax.jit(lambda p, a, b: one_shot(p, a, b, alpha=alpha, lam=lam))
-    params = dampen(params, i_full, i_forget)
+    params = _compiled_rule(one_shot, float(alpha), float(lam))(params, i_full, i_forget)
     return nnx.merge(graphdef, params, rest)
 
 
-def ssd(model, task: Task, *, alpha=10.0, lam=1.0, batch_size=None):
-    """SSD: dampen weights far more important (batch-mean Fisher) to D_f than to D."""
+def ssd(model, task: Task, *, alpha=10.0, lam=1.0, batch_size=None, loss=None):
+    """SSD: dampen weights far more important (batch-mean Fisher) to D_f than to D.
+
+    Pass ``loss=ssd_loss(graphdef, rest)`` of this model to reuse the compiled importance
+    pass across requests (a fresh loss object compiles again).
+    """
     graphdef, _, rest = train.split_model(model)
-    loss = ssd_loss(graphdef, rest)
+    loss = ssd_loss(graphdef, rest) if loss is None else loss
     batch_size = batch_size or (128 if task.kind == "random" else 64)  # SSD's scripts
 
     def importance(params, batches):
