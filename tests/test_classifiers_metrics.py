@@ -86,3 +86,11 @@ def test_linear_probe_matches_plain_sklearn_pipeline():
     expected = 100.0 * np.mean(pipe.predict(x[60:]) == y[60:])
     assert m.linear_probe_accuracy(x[:60], y[:60], x[60:], y[60:]) == pytest.approx(expected)
     assert expected > 80
+
+
+def test_diverged_logits_still_give_distributions():
+    logits = np.array([[np.inf, 0.0, 1.0], [np.nan, 2.0, 0.0], [-np.inf, 0.0, 0.0]])
+    probs = m.softmax(logits)
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    assert probs[0, 0] == 1.0

@@ -46,6 +46,7 @@ def evaluate_classifier(
     """
     train_logits, _ = predict(model, task.train.images, batch_size=batch_size)
     test_logits, test_features = predict(model, task.test.images, batch_size=batch_size)
+    test_features = np.nan_to_num(test_features, nan=0.0, posinf=1e30, neginf=-1e30)
     y_train, y_test = task.train.labels, task.test.labels
     f, r = task.forget, task.retain
     if task.kind == "random":  # SSD: forget_valid = forget_train

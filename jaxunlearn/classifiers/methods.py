@@ -118,7 +118,7 @@ class _RetainOnly:
         return self.term(forward, batch["retain"], ref_forward=ref_forward)
 
 
-def gradient_ascent(model, task: Task, *, lr=2e-3, steps=20, batch_size=64, seed=0):
+def gradient_ascent(model, task: Task, *, lr=5e-3, steps=30, batch_size=64, seed=0):
     """GradAscent: raise the forget cross-entropy (no retain term)."""
     objective = forget_retain(cob.gradient_ascent(), None)
     return _run(model, task, objective, optax.sgd(lr), steps=steps, batch_size=batch_size,
@@ -161,7 +161,7 @@ def salun(model, task: Task, *, keep=0.5, lr=0.01, steps=40, batch_size=64, seed
                          mask=mask)  # fmt: skip
 
 
-def gu(model, task: Task, *, lr=2e-3, rank=4, steps=20, batch_size=64, seed=0, alpha=1.0):
+def gu(model, task: Task, *, lr=5e-3, rank=4, steps=30, batch_size=64, seed=0, alpha=1.0):
     """GU: gradient ascent with its retain-entangled part projected out, plus retain descent."""
     objective = forget_retain(cob.gradient_ascent(), cob.cross_entropy(), alpha=alpha)
     tx = optax.chain(transforms.retain_projection(rank=rank), optax.sgd(lr))

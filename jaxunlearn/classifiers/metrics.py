@@ -36,8 +36,13 @@ SALUN_KEYS = ("UA", "RA", "TA", "MIA_efficacy")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64."""
-    z = np.asarray(logits, np.float64)
+    """Row-wise softmax in float64.
+
+    A diverged model (gradient ascent run too far) can emit inf or NaN logits; +-inf are
+    clipped to +-1e300 and NaN set to 0 so every metric still gets a distribution instead
+    of failing inside scikit-learn.
+    """
+    z = np.nan_to_num(np.asarray(logits, np.float64), nan=0.0, posinf=1e300, neginf=-1e300)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
