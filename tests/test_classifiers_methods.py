@@ -185,8 +185,20 @@ def test_lf_ssd_method_equals_plain_rule(splits, target):
     assert changed
 
 
+_SLOW = pytest.mark.slow  # same step machinery as salun/hamu; kept out of the default suite
+
+
 @pytest.mark.parametrize(
-    "name", ["finetune", "gradascent", "random_labels", "salun", "gu", "hamu", "ofmu"]
+    "name",
+    [
+        "salun",  # RL on masked params: forget_retain + make_step + an optax mask
+        "hamu",  # split forget/retain gradients into transforms.hardness_aware
+        "ofmu",  # bilevel.ofmu's own step
+        pytest.param("finetune", marks=_SLOW),
+        pytest.param("gradascent", marks=_SLOW),
+        pytest.param("random_labels", marks=_SLOW),
+        pytest.param("gu", marks=_SLOW),
+    ],
 )
 def test_method_runs_and_changes_the_model(splits, target, name):
     task = full_class(splits, 3)

@@ -8,6 +8,7 @@ import pytest
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "05_class_forgetting_ssd.ipynb"
 
 
+@pytest.mark.slow  # tests/test_notebooks.py runs every notebook in the default suite
 def test_class_forgetting_notebook_runs_on_tiny(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
