@@ -152,3 +152,18 @@ def test_forget_class_that_does_not_exist():
         im.class_index(data, 12)
     with pytest.raises(ValueError, match="'rocket' does not exist"):
         im.class_index(data, "rocket")
+
+
+def test_vision_modules_do_not_import_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, jaxunlearn.checkpoints.vision, jaxunlearn.classifiers, "
+        "jaxunlearn.data.images, jaxunlearn.models.vision, jaxunlearn.pipeline.classifiers\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    repo = Path(__file__).parent.parent
+    run = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
