@@ -188,7 +188,14 @@ def main():
     med_warm, med_torch = statistics.median(warm), statistics.median(torch_s)
     print(f"\nmodel {args.model}, digits full-class '{args.forget}', forget {int(task.forget.sum())} "
           f"/ train {len(task.train)}, batch 64, alpha {args.alpha}, lambda {args.lam}")  # fmt: skip
+    target_acc = 100 * float(
+        np.mean(predict(target, task.test.images)[0].argmax(1) == task.test.labels)
+    )
+    oracle_acc = 100 * float(
+        np.mean(predict(oracle, task.test.images)[0].argmax(1) == task.test.labels)
+    )
     print(f"target logits, torch twin vs NNX: max |diff| {parity:.2e}")
+    print(f"test acc: target {target_acc:.1f}, retrained oracle {oracle_acc:.1f}")
     print(f"test predictions of the two SSD results agree on {100 * agree:.1f}% of images; "
           f"test acc jax {acc['jax']:.1f} / torch {acc['torch']:.1f}; forget-test acc jax "
           f"{forget_acc['jax']:.1f} / torch {forget_acc['torch']:.1f}")  # fmt: skip
