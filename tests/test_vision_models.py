@@ -134,7 +134,11 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, arch):
     model, hf = load_classifier(tmp_path / "in")
     names = {i: f"class{i}" for i in range(model.config.num_labels)}
     save_classifier(model, tmp_path / "out", id2label=names)
-    back = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
+    back, info = transformers.AutoModelForImageClassification.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    back.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert type(back).__name__ == type(ref).__name__
     assert back.config.id2label[1] == "class1"
     x = _images(3, size, seed=2)

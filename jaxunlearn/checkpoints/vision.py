@@ -170,6 +170,13 @@ def save_classifier(
                 hf_keys.hf_name(name, kind), array.shape, array.dtype, lambda a=array: a
             )
         )
+        if name.endswith(".mean"):  # torch BatchNorm2d also stores a batch counter
+            counter = hf_keys.hf_name(name, kind).replace("running_mean", "num_batches_tracked")
+            tensors.append(
+                _safetensors.TensorToWrite(
+                    counter, (), np.dtype(np.int64), lambda: np.zeros((), np.int64)
+                )
+            )
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         _safetensors.write_file(tmp / "model.safetensors", tensors, {"format": "pt"})
