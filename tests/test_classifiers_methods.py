@@ -193,7 +193,7 @@ _SLOW = pytest.mark.slow  # same step machinery as salun/hamu; kept out of the d
     [
         "salun",  # RL on masked params: forget_retain + make_step + an optax mask
         "hamu",  # split forget/retain gradients into transforms.hardness_aware
-        "ofmu",  # bilevel.ofmu's own step
+        pytest.param("ofmu", marks=_SLOW),  # bilevel.ofmu's own step (~15 s to compile)
         pytest.param("finetune", marks=_SLOW),
         pytest.param("gradascent", marks=_SLOW),
         pytest.param("random_labels", marks=_SLOW),

@@ -160,26 +160,21 @@ def save_classifier(
       ValueError: a model with no Hugging Face counterpart (the small CNN), or label names
         that do not match the model's outputs.
     """
+    from safetensors.numpy import save_file  # handles the 0-d batch counters
+
     config = _hf_config(model, id2label)
     kind = model.config.model_type
-    tensors = []
+    tensors = {}
     for name, (_, var) in _variables(model).items():
-        array = hf_keys.to_hf(name, np.asarray(var.get_value(), np.float32))
-        tensors.append(
-            _safetensors.TensorToWrite(
-                hf_keys.hf_name(name, kind), array.shape, array.dtype, lambda a=array: a
-            )
+        key = hf_keys.hf_name(name, kind)
+        tensors[key] = np.ascontiguousarray(
+            hf_keys.to_hf(name, np.asarray(var.get_value(), np.float32))
         )
-        if name.endswith(".mean"):  # torch BatchNorm2d also stores a batch counter
-            counter = hf_keys.hf_name(name, kind).replace("running_mean", "num_batches_tracked")
-            tensors.append(
-                _safetensors.TensorToWrite(
-                    counter, (), np.dtype(np.int64), lambda: np.zeros((), np.int64)
-                )
-            )
+        if name.endswith(".mean"):  # torch's BatchNorm2d also stores a batch counter
+            tensors[key.replace("running_mean", "num_batches_tracked")] = np.zeros((), np.int64)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        _safetensors.write_file(tmp / "model.safetensors", tensors, {"format": "pt"})
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return Path(directory)
 
 
