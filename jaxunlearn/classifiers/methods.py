@@ -8,6 +8,10 @@ one-shot SSD / LF-SSD (`jaxunlearn.transforms.ssd`, `lf_ssd`, with `fisher_diago
 `importance_abs`). Every gradient method runs batch norm in inference mode (running
 statistics frozen, as HAMU's CIFAR runs and SSD's importance pass do).
 
+The terms and `ForgetRetainImages` work unchanged with `jaxunlearn.train.unlearn`
+(checkpoints, logs, resume); the methods below call `make_step` directly because a
+benchmark run needs none of that.
+
 `METHODS` maps the leaderboard names to the functions; `DEFAULTS` gives each one's
 hyperparameters (scaled for the small digits/CIFAR presets, not tuned per scenario).
 """
