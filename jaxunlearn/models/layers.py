@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
+from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Bool, Float, Int
 
@@ -207,7 +208,16 @@ def matmul(
     Returns:
       [..., f] product in the operands' dtype.
     """
-    return _matmul(x, w, precision)
+    return _named(_matmul(x, w, precision))
+
+
+# Remat policies cannot see dots inside a custom_jvp (the primitive they inspect is the
+# custom_jvp call), so weight-matmul outputs are tagged by name for the "matmuls" policy.
+WEIGHT_MATMUL = "weight_matmul"
+
+
+def _named(y: jax.Array) -> jax.Array:
+    return checkpoint_name(y, WEIGHT_MATMUL)
 
 
 def linear_dot_general(
@@ -234,7 +244,7 @@ def linear_dot_general(
         and not tuple(lhs_batch)
         and not tuple(rhs_batch)
     ):
-        return _matmul(lhs, rhs, precision)
+        return _named(_matmul(lhs, rhs, precision))
     kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
     return jax.lax.dot_general(
         lhs,
@@ -417,7 +427,10 @@ def remat_policy(name: str):
     """
     policies = {
         "none": None,
-        "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "matmuls": jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            jax.checkpoint_policies.save_only_these_names(WEIGHT_MATMUL),
+        ),
         "full": jax.checkpoint_policies.nothing_saveable,
     }
     if name not in policies:
