@@ -25,6 +25,7 @@ from jaxunlearn.models.layers import (
     matmul,
     normal_init,
     remat_policy,
+    rematerialised,
     resolve_attention,
 )
 from jaxunlearn.models.outputs import CausalLMOutput, Head
@@ -213,8 +214,7 @@ class GPT2LMHeadModel(nnx.Module):
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             if policy is not None and cache is None:
-                remat_block = nnx.remat(lambda m, h: m(h, allowed, None, None), policy=policy)
-                x, _ = remat_block(block, x)
+                x = rematerialised(block, policy, x, allowed, None, None)[0]
             else:
                 x, layer_cache = block(x, allowed, layer_cache, cache_index)
             if layer_cache is not None:

@@ -438,6 +438,21 @@ def remat_policy(name: str):
     return policies[name]
 
 
+def rematerialised(block: nnx.Module, policy, *args):
+    """``block(*args)`` under `jax.checkpoint` with `policy` (from `remat_policy`).
+
+    The block's state goes in as an explicit argument (plain `jax.checkpoint` over
+    split/merge rather than `nnx.remat`), so it works whatever trace the parameters come
+    from, e.g. a frozen reference model closed over by a differentiated loss.
+    """
+    graphdef, state = nnx.split(block)
+
+    def run(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    return jax.checkpoint(run, policy=policy)(state, *args)
+
+
 def check_hidden_layers(hidden_layers, num_layers: int) -> tuple[int, ...]:
     """Validates the `hidden_layers` argument of a model call (0-based decoder layers)."""
     hidden_layers = tuple(int(i) for i in hidden_layers)

@@ -29,6 +29,7 @@ from jaxunlearn.models.layers import (
     matmul,
     normal_init,
     remat_policy,
+    rematerialised,
     resolve_attention,
     rope_cos_sin,
     rope_inv_freq,
@@ -288,10 +289,7 @@ class LlamaForCausalLM(nnx.Module):
             mask = masks[1] if cfg.is_sliding(i) else masks[0]
             block = self.layer(i)
             if policy is not None and cache is None:
-                remat_block = nnx.remat(
-                    lambda m, h, a: m(h, cos, sin, a, None, None), policy=policy
-                )
-                x, _ = remat_block(block, x, mask)
+                x = rematerialised(block, policy, x, cos, sin, mask, None, None)[0]
             else:
                 x, layer_cache = block(x, cos, sin, mask, layer_cache, cache_index)
             if layer_cache is not None:
