@@ -8,11 +8,15 @@ parameters are created to the end of the first steps. Compilation happens before
 baseline, so its memory is not counted. Prints one JSON line per precision with the
 planned peak, the measured peak and their ratio.
 
+``--compile``: compile time of the 32-layer 8B step over the 16-layer 1B step (same mesh,
+alternated, best of ``--repeats``).
+
 ``--table``: runs ``jaxunlearn plan`` for the issue's targets (Llama-3.1-8B NPO on
 fsdp=8, Llama-3.2-1B on one device, compile time of 8B vs 1B) and prints a Markdown table.
 
     python benchmarks/bench_plan.py --validate
     python benchmarks/bench_plan.py --table
+    python benchmarks/bench_plan.py --compile --repeats 3
 """
 
 from __future__ import annotations
@@ -159,10 +163,29 @@ def table(args) -> None:
     print("\n".join(rows))
 
 
+def compile_times(args) -> None:
+    """Compile time of the 16-layer 1B and the 32-layer 8B step, alternated, best of N."""
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for model in ("llama-3.2-1b", "llama-3.1-8b"):
+            cmd = [sys.executable, "-m", "jaxunlearn.plan", "--model", model, "--mesh",
+                   args.mesh, "--batch", "4", "--seq", "512", "--precision", "bf16-params",
+                   "--remat", "matmuls", "--fast-flops", "--json"]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            seconds = json.loads(out.stdout.strip().splitlines()[-1])["compile_seconds"]
+            best[model] = min(best.get(model, float("inf")), seconds)
+    ratio = best["llama-3.1-8b"] / best["llama-3.2-1b"]
+    print(json.dumps({"mesh": args.mesh, "best_compile_s": best, "ratio_8b_over_1b": ratio,
+                      "repeats": args.repeats, "load_avg": os.getloadavg()}))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--validate", action="store_true")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="8B vs 1B compile time")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mesh", default="fsdp=8")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32")
     parser.add_argument("--precisions", nargs="+", default=["float32", "bf16", "bf16-params"])
@@ -176,6 +199,8 @@ def main() -> None:
         validate(args)
     elif args.table:
         table(args)
+    elif args.compile:
+        compile_times(args)
     else:
         parser.error("pass --validate or --table")
 
