@@ -535,8 +535,17 @@ def test_remat_policies_cut_saved_activations():
         for policy in ("none", "matmuls", "full")
     }
     assert temp["none"] > temp["matmuls"] > temp["full"], temp
+    cfg = ModelConfig.from_hf_dict(hf_config("llama").to_dict())
     with pytest.raises(ValueError, match="none, matmuls, full"):
-        build_model(ModelConfig.from_hf_dict(hf_config("llama").to_dict()), remat="some")
+        build_model(cfg, remat="some")
+    with pytest.raises(ValueError, match="auto, einsum, dot_product_attention"):
+        build_model(cfg, attention="flash")
+    with pytest.raises(ValueError, match="GPT-2 does not support scan_layers"):
+        build_model(ModelConfig.from_hf_dict(hf_config("gpt2").to_dict()), scan_layers=True)
+    from jaxunlearn.models.layers import resolve_attention
+
+    if jax.default_backend() == "cpu":
+        assert resolve_attention("auto") == "einsum"
 
 
 def test_gradient_accumulation_with_scanned_rematerialised_layers():
