@@ -13,6 +13,11 @@ every device whatever the split between the two axes. The same program runs on o
 a GPU node or a TPU pod: on several hosts call `initialize_distributed()` first and give
 every host the same global batch (`shard_batch` keeps only the local rows).
 
+The run's numeric precision is a policy too (`precision_policy`): float32; bfloat16
+compute with float32 master weights and optimizer state; or bfloat16 parameters with
+float32 optimizer moments. Losses, log-softmax and metrics are float32 under every policy
+(`jaxunlearn.scores` computes them in float32 whatever the model's dtype).
+
 Example:
   >>> import jax
   >>> from jaxunlearn import parallel
@@ -25,10 +30,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -209,3 +216,123 @@ def initialize_distributed(**kwargs: Any) -> None:
     if jax.distributed.is_initialized():
         return
     jax.distributed.initialize(**kwargs)
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+class PrecisionPolicy(NamedTuple):
+    """How a run stores and computes with its numbers.
+
+    Models follow Flax's ``dtype`` / ``param_dtype`` convention: parameters are stored in
+    `param_dtype` and cast to the compute dtype where they are used, so gradients come back
+    in `param_dtype` and the training step needs no change for "bfloat16 compute, float32
+    master weights". Scores, losses and metrics are float32 under every policy.
+
+    Attributes:
+      name: the policy's name (one of `PRECISIONS`).
+      compute_dtype: dtype of activations and matmuls (the model's ``dtype``).
+      param_dtype: storage dtype of the parameters (the model's ``param_dtype``).
+      moment_dtype: dtype of the optimizer state (Adam's first and second moments).
+    """
+
+    name: str
+    compute_dtype: Any
+    param_dtype: Any
+    moment_dtype: Any
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """``dtype`` and ``param_dtype`` for `load_pretrained` / `build_model`."""
+        return {"dtype": self.compute_dtype, "param_dtype": self.param_dtype}
+
+    def optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+        """`tx` made to keep its state in `moment_dtype` (wrapped only when needed)."""
+        if jnp.dtype(self.moment_dtype) == jnp.dtype(self.param_dtype):
+            return tx
+        return float32_moments(tx)
+
+
+PRECISIONS: dict[str, PrecisionPolicy] = {
+    "float32": PrecisionPolicy("float32", jnp.float32, jnp.float32, jnp.float32),
+    "bf16": PrecisionPolicy("bf16", jnp.bfloat16, jnp.float32, jnp.float32),
+    "bf16-params": PrecisionPolicy("bf16-params", jnp.bfloat16, jnp.bfloat16, jnp.float32),
+}
+
+
+def precision_policy(name: str) -> PrecisionPolicy:
+    """The precision policy called `name`.
+
+    - ``"float32"``: everything in float32.
+    - ``"bf16"``: bfloat16 compute, float32 master weights and optimizer state (mixed
+      precision as in Micikevicius et al.; bfloat16 needs no loss scaling).
+    - ``"bf16-params"``: bfloat16 parameters and compute, float32 optimizer moments (half
+      the parameter memory; each update is added in float32 and rounded once).
+
+    Args:
+      name: one of `PRECISIONS` (case-insensitive; "fp32"/"f32" read as "float32").
+
+    Returns:
+      The `PrecisionPolicy`.
+
+    Raises:
+      ValueError: an unknown name (the message lists the known ones).
+
+    References:
+      Micikevicius et al., "Mixed Precision Training", 2017, arXiv:1710.03740. Kalamkar et
+      al., "A Study of BFLOAT16 for Deep Learning Training", 2019, arXiv:1905.12322.
+    """
+    key = str(name).lower().replace("_", "-")
+    key = {"fp32": "float32", "f32": "float32", "bfloat16": "bf16"}.get(key, key)
+    if key not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; known: {', '.join(PRECISIONS)}.")
+    return PRECISIONS[key]
+
+
+def _to_float32(tree: Any) -> Any:
+    def cast(x):
+        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(jnp.float32)
+        if isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.floating):
+            return jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding)
+        return x
+
+    return jax.tree.map(cast, tree)
+
+
+def float32_moments(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """Runs `inner` on float32 copies of gradients and parameters.
+
+    For bfloat16 parameters: `inner`'s state (Adam's mu *and* nu; optax's ``mu_dtype``
+    covers mu only) is created and kept in float32, hyperparameters that
+    ``optax.inject_hyperparams`` casts to the parameters' dtype stay float32 (bfloat16
+    rounds Adam's b2 = 0.999 to 1.0), and the returned updates are float32, so
+    `optax.apply_updates` adds them in float32 and rounds each parameter once. Floating
+    extra arguments (e.g. ``retain_grads``) are cast too.
+
+    Args:
+      inner: any optax transformation (e.g. ``optax.chain(clip, adamw)``).
+
+    Returns:
+      A `GradientTransformationExtraArgs` with the same state structure as `inner`, in
+      float32.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = float32_moments(optax.adam(1e-3))
+      >>> state = tx.init({"w": jnp.ones(3, jnp.bfloat16)})
+      >>> state[0].nu["w"].dtype
+      dtype('float32')
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return inner.init(_to_float32(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        return inner.update(
+            _to_float32(updates), state, _to_float32(params), **_to_float32(extra_args)
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -201,6 +201,37 @@ def test_export_sharded_and_bfloat16(saved, tmp_path):
     assert torch.equal(stored["model.norm.weight"], want)
 
 
+def test_stacked_layers_load_and_save_in_the_hugging_face_layout(saved, tmp_path):
+    """scan_layers stacks per-layer tensors in memory; files stay per layer, bf16 included."""
+    path, ref = saved["qwen3"]
+    model = checkpoints.load_pretrained(path, scan_layers=True, remat="full")
+    assert model.layers.attn.q_proj.kernel.shape == (2, 64, 4 * 16)
+    np.testing.assert_allclose(_logits(model), ref, atol=ATOL, rtol=0)
+    # sharded over 2 files: a stacked parameter's layers may come from different shards
+    out = checkpoints.save_pretrained(model, tmp_path / "out", max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    want = set(load_file(path / "model.safetensors")) - {"lm_head.weight"}
+    assert set(index["weight_map"]) - {"lm_head.weight"} == want
+    assert len(set(index["weight_map"].values())) > 1
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    np.testing.assert_allclose(_torch_logits(back), ref, atol=ATOL, rtol=0)
+    again = checkpoints.load_pretrained(out, scan_layers=True)
+    np.testing.assert_allclose(_logits(again), ref, atol=ATOL, rtol=0)
+    bf16 = checkpoints.save_pretrained(model, tmp_path / "bf16", dtype=jnp.bfloat16)
+    stored = load_file(bf16 / "model.safetensors")
+    layer1 = np.array(model.layers.mlp.down_proj.kernel[...])[1].T
+    want16 = torch.from_numpy(np.ascontiguousarray(layer1)).to(torch.bfloat16)
+    assert torch.equal(stored["model.layers.1.mlp.down_proj.weight"], want16)
+
+
+def test_stacked_layers_name_the_missing_layer_tensor(llama_dir):
+    state = load_file(llama_dir / "model.safetensors")
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    save_file(state, llama_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*missing"):
+        checkpoints.load_pretrained(llama_dir, scan_layers=True)
+
+
 def test_safetensors_writer_reader_agree_with_reference_library(tmp_path):
     tensors = {
         "a": torch.randn(3, 5),

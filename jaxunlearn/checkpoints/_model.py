@@ -104,12 +104,15 @@ class AbstractModel:
         return nnx.merge(self.graphdef, state, self.rest)
 
 
-def abstract_model(cfg: Any, *, dtype: Any, param_dtype: Any) -> AbstractModel:
-    """Builds `cfg`'s model abstractly: shapes and dtypes only, no parameter memory."""
+def abstract_model(cfg: Any, *, dtype: Any, param_dtype: Any, **options: Any) -> AbstractModel:
+    """Builds `cfg`'s model abstractly: shapes and dtypes only, no parameter memory.
+
+    `options` (scan_layers, remat, attention) go to `jaxunlearn.models.build_model`.
+    """
     from jaxunlearn.models import build_model
 
     def build():
-        return build_model(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        return build_model(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **options)
 
     graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
     if jax.tree.leaves(rest):

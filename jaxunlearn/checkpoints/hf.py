@@ -184,6 +184,12 @@ def _torch_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+def _stored_shape(abstract: jax.ShapeDtypeStruct, hf: Any) -> tuple[int, ...]:
+    """The shape of each stored tensor of a parameter (one layer's, for stacked layers)."""
+    shape = tuple(abstract.shape) if hf.layers is None else tuple(abstract.shape[1:])
+    return tuple(reversed(shape)) if hf.transpose else shape
+
+
 def _match(
     params: dict[str, jax.ShapeDtypeStruct], param_map: dict, stored: dict[str, StoredTensor]
 ) -> None:
@@ -194,14 +200,15 @@ def _match(
         if hf is None:
             problems.append(f"model parameter {name!r} has no Hugging Face key in hf_param_map")
             continue
-        want = tuple(reversed(abstract.shape)) if hf.transpose else tuple(abstract.shape)
-        t = stored.get(hf.key)
-        if t is None:
-            problems.append(f"tensor {hf.key!r} (for {name}) is missing")
-        elif t.shape != want:
-            problems.append(
-                f"tensor {hf.key!r} in {t.file} has shape {list(t.shape)}, expected {list(want)}"
-            )
+        want = _stored_shape(abstract, hf)
+        for key in hf.keys():
+            t = stored.get(key)
+            if t is None:
+                problems.append(f"tensor {key!r} (for {name}) is missing")
+            elif t.shape != want:
+                problems.append(
+                    f"tensor {key!r} in {t.file} has shape {list(t.shape)}, expected {list(want)}"
+                )
     if problems:
         files = sorted({t.file for t in stored.values()})
         more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
@@ -224,6 +231,29 @@ def _place(x: np.ndarray, sharding: jax.sharding.Sharding | None, dtype: np.dtyp
     )
 
 
+def _place_stacked(
+    layers: list[StoredTensor],
+    transpose: bool,
+    shape: tuple[int, ...],
+    sharding: jax.sharding.Sharding | None,
+    dtype: np.dtype,
+) -> jax.Array:
+    """Stacks per-layer tensors into one [L, ...] array, reading only each device's slice."""
+
+    def read(idx):
+        idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
+        rows = range(*idx[0].indices(len(layers)))
+        parts = []
+        for i in rows:
+            x = layers[i].read()
+            parts.append(np.array((x.T if transpose else x)[idx[1:]], dtype=dtype))
+        return np.stack(parts) if parts else np.zeros((0, *shape[1:]), dtype)
+
+    if sharding is None:
+        return jax.device_put(read((slice(None),)))
+    return jax.make_array_from_callback(shape, sharding, read)
+
+
 def load_pretrained(
     path: str | os.PathLike,
     *,
@@ -231,6 +261,9 @@ def load_pretrained(
     param_dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     allow_pickle: bool = False,
+    scan_layers: bool = False,
+    remat: str = "none",
+    attention: str = "auto",
 ) -> nnx.Module:
     """Loads a Hugging Face causal-LM directory as a jaxunlearn NNX model.
 
@@ -243,6 +276,11 @@ def load_pretrained(
         default: the default device.
       allow_pickle: also accept ``pytorch_model.bin`` when there are no safetensors.
         Unpickling can execute arbitrary code: only for files you trust.
+      scan_layers: stack the per-layer tensors of the file into [L, ...] parameters and
+        scan over the layers (Llama family; see `jaxunlearn.models.LlamaForCausalLM`).
+        `save_pretrained` writes them back per layer.
+      remat: per-layer rematerialisation in the backward pass ("none", "matmuls", "full").
+      attention: attention implementation ("auto", "einsum", "dot_product_attention").
 
     Returns:
       The model (`jaxunlearn.models.build_model` for the config), parameters filled.
@@ -256,13 +294,20 @@ def load_pretrained(
 
     cfg = read_config(path)
     stored = open_weights(path, allow_pickle=allow_pickle)
-    model = abstract_model(cfg, dtype=dtype, param_dtype=to_dtype(param_dtype or dtype))
-    param_map = hf_param_map(cfg)
+    options = dict(scan_layers=scan_layers, remat=remat, attention=attention)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=to_dtype(param_dtype or dtype), **options)
+    param_map = hf_param_map(cfg, scan_layers=scan_layers)
     _match(model.params, param_map, stored)
     shardings = parallel.param_sharding(model.params, mesh) if mesh is not None else {}
     values = {}
     for name, abstract in model.params.items():
         hf = param_map[name]
+        if hf.layers is not None:
+            layers = [stored[k] for k in hf.keys()]
+            values[name] = _place_stacked(
+                layers, hf.transpose, abstract.shape, shardings.get(name), abstract.dtype
+            )
+            continue
         x = stored[hf.key].read()
         values[name] = _place(x.T if hf.transpose else x, shardings.get(name), abstract.dtype)
     return model.merge(values)
@@ -301,10 +346,10 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def _hf_tensors(model: nnx.Module, dtype: Any) -> list[_safetensors.TensorToWrite]:
-    from jaxunlearn.models import hf_param_map
+    from jaxunlearn.models import model_param_map
 
     params = flat_params(model)
-    param_map = hf_param_map(model_config(model))
+    param_map = model_param_map(model)
     unmapped = sorted(set(params) - set(param_map))
     if unmapped:
         raise ValueError(f"model parameters {unmapped} have no Hugging Face key in hf_param_map.")
@@ -312,13 +357,17 @@ def _hf_tensors(model: nnx.Module, dtype: Any) -> list[_safetensors.TensorToWrit
     for name, x in params.items():
         hf = param_map[name]
         target = np.dtype(to_dtype(dtype) or x.dtype)
+        # Stacked layers are written back as one tensor per layer (the Hugging Face layout).
+        keys = [(None, hf.key)] if hf.layers is None else list(enumerate(hf.keys()))
+        for layer, key in keys:
 
-        def fetch(x=x, transpose=hf.transpose, target=target):
-            host = _to_host(x)
-            return (host.T if transpose else host).astype(target, copy=False)
+            def fetch(x=x, layer=layer, transpose=hf.transpose, target=target):
+                host = _to_host(x if layer is None else x[layer])
+                return (host.T if transpose else host).astype(target, copy=False)
 
-        shape = tuple(reversed(x.shape)) if hf.transpose else tuple(x.shape)
-        tensors.append(_safetensors.TensorToWrite(hf.key, shape, target, fetch))
+            shape = tuple(x.shape) if layer is None else tuple(x.shape[1:])
+            shape = tuple(reversed(shape)) if hf.transpose else shape
+            tensors.append(_safetensors.TensorToWrite(key, shape, target, fetch))
     return sorted(tensors, key=lambda t: t.name)
 
 

@@ -41,6 +41,9 @@ def build_model(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     rngs: nnx.Rngs | None = None,
+    scan_layers: bool = False,
+    remat: str = "none",
+    attention: str = "auto",
 ) -> CausalLM:
     """Builds the NNX model for `cfg` with randomly initialised parameters.
 
@@ -51,18 +54,38 @@ def build_model(
       dtype: compute dtype (float32 or bfloat16); norms and softmax stay float32.
       param_dtype: parameter storage dtype.
       rngs: initialisation randomness (default `nnx.Rngs(0)`).
+      scan_layers: stack the decoder layers and scan over them (Llama family only).
+      remat: per-layer rematerialisation: "none", "matmuls" or "full".
+      attention: "auto", "einsum" or "dot_product_attention".
 
     Returns:
       A `LlamaForCausalLM` or `GPT2LMHeadModel`.
     """
     _, cls = _family(cfg)
-    return cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs or nnx.Rngs(0))
+    return cls(
+        cfg,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs or nnx.Rngs(0),
+        scan_layers=scan_layers,
+        remat=remat,
+        attention=attention,
+    )
 
 
-def hf_param_map(cfg: ModelConfig) -> dict[str, HFParam]:
-    """NNX parameter path ("layers.0.attn.q_proj.kernel") -> `HFParam(key, transpose)`."""
+def hf_param_map(cfg: ModelConfig, *, scan_layers: bool = False) -> dict[str, HFParam]:
+    """NNX parameter path ("layers.0.attn.q_proj.kernel") -> `HFParam(key, transpose)`.
+
+    With `scan_layers`, layer parameters are stacked ("layers.attn.q_proj.kernel") and map
+    to a per-layer key template (`HFParam.layers`).
+    """
     module, _ = _family(cfg)
-    return module.hf_param_map(cfg)
+    return module.hf_param_map(cfg, scan_layers=scan_layers)
+
+
+def model_param_map(model: CausalLM) -> dict[str, HFParam]:
+    """`hf_param_map` for a built model, stacked or not as the model is."""
+    return hf_param_map(model.config, scan_layers=getattr(model, "scan_layers", False))
 
 
 __all__ = [
@@ -80,4 +103,5 @@ __all__ = [
     "generate",
     "hf_param_map",
     "init_cache",
+    "model_param_map",
 ]

@@ -35,11 +35,22 @@ class HFParam(NamedTuple):
     Attributes:
       key: the safetensors key, e.g. "model.layers.0.self_attn.q_proj.weight".
       transpose: the HF tensor is the transpose of the NNX one (torch `nn.Linear` stores
-        [out, in]; `nnx.Linear.kernel` is [in, out]).
+        [out, in]; `nnx.Linear.kernel` is [in, out]). For stacked layers, each layer's
+        tensor is transposed.
+      layers: None for a plain tensor. For a parameter of stacked layers (leading [L]
+        axis), L: `key` is then a template with one ``{}`` for the layer index, and the
+        NNX array is the stack of the L per-layer tensors along a new axis 0.
     """
 
     key: str
     transpose: bool
+    layers: int | None = None
+
+    def keys(self) -> list[str]:
+        """The Hugging Face key(s) this parameter is stored under, in layer order."""
+        if self.layers is None:
+            return [self.key]
+        return [self.key.format(i) for i in range(self.layers)]
 
 
 _ARCHITECTURES = {

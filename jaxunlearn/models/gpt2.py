@@ -19,11 +19,14 @@ from jaxunlearn.models.config import HFParam, ModelConfig
 from jaxunlearn.models.layers import (
     LayerNorm,
     activation,
+    attention,
     check_hidden_layers,
-    dot_product_attention,
     linear_dot_general,
     matmul,
     normal_init,
+    remat_policy,
+    rematerialised,
+    resolve_attention,
 )
 from jaxunlearn.models.outputs import CausalLMOutput, Head
 
@@ -44,7 +47,17 @@ def _conv1d(d_in, d_out, dtype, param_dtype, rngs):
 class GPT2Attention(nnx.Module):
     """Multi-head causal self-attention with a fused q/k/v projection."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        implementation: str = "auto",
+    ):
+        self.implementation = implementation
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
         d = cfg.hidden_size
@@ -63,7 +76,7 @@ class GPT2Attention(nnx.Module):
         if layer_cache is not None:
             k, v = kv_cache.update_layer(*layer_cache, k, v, cache_index)
             layer_cache = (k, v)
-        out = dot_product_attention(q, k, v, allowed, self.scale)
+        out = attention(q, k, v, allowed, self.scale, self.implementation)
         return self.c_proj(out.reshape(b, t, d)), layer_cache
 
 
@@ -82,10 +95,21 @@ class GPT2MLP(nnx.Module):
 class GPT2Block(nnx.Module):
     """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        attention: str = "auto",
+    ):
         norm_kw = dict(eps=cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype)
         self.ln_1 = LayerNorm(cfg.hidden_size, **norm_kw)
-        self.attn = GPT2Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = GPT2Attention(
+            cfg, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs, implementation=attention
+        )
         self.ln_2 = LayerNorm(cfg.hidden_size, **norm_kw)
         self.mlp = GPT2MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -107,9 +131,32 @@ class GPT2LMHeadModel(nnx.Module):
       dtype: compute dtype (LayerNorm statistics and softmax stay float32).
       param_dtype: storage dtype of the parameters.
       rngs: initialisation randomness.
+      scan_layers: must be False: GPT-2's layers differ (the score scale may depend on the
+        layer index), so they are not stacked.
+      remat: rematerialisation policy of each block ("none", "matmuls", "full").
+      attention: "auto", "einsum" or "dot_product_attention".
     """
 
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs,
+        scan_layers: bool = False,
+        remat: str = "none",
+        attention: str = "auto",
+    ):
+        if scan_layers:
+            raise ValueError(
+                "GPT-2 does not support scan_layers=True (its small size never needs it); "
+                "build it with scan_layers=False."
+            )
+        remat_policy(remat)
+        resolve_attention(attention)
+        self.scan_layers = False
+        self.remat = remat
         if cfg.model_type != "gpt2":
             raise ValueError(f"GPT2LMHeadModel cannot build model_type {cfg.model_type!r}.")
         if not cfg.tie_word_embeddings:
@@ -121,7 +168,9 @@ class GPT2LMHeadModel(nnx.Module):
         self.wpe = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, **emb_kw)
         self.layers = nnx.List(
             [
-                GPT2Block(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                GPT2Block(
+                    cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention
+                )
                 for i in range(cfg.num_hidden_layers)
             ]
         )
@@ -161,9 +210,13 @@ class GPT2LMHeadModel(nnx.Module):
         x = self.wte(input_ids) + self.wpe(position_ids)
         captured, new_keys, new_values = {}, [], []
         cache_index = None if cache is None else cache.index
+        policy = remat_policy(self.remat)
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = block(x, allowed, layer_cache, cache_index)
+            if policy is not None and cache is None:
+                x = rematerialised(block, policy, x, allowed, None, None)[0]
+            else:
+                x, layer_cache = block(x, allowed, layer_cache, cache_index)
             if layer_cache is not None:
                 new_keys.append(layer_cache[0])
                 new_values.append(layer_cache[1])
@@ -176,14 +229,17 @@ class GPT2LMHeadModel(nnx.Module):
         return CausalLMOutput(logits, Head(hidden, kernel), captured, new_cache)
 
 
-def hf_param_map(cfg: ModelConfig) -> dict[str, HFParam]:
+def hf_param_map(cfg: ModelConfig, *, scan_layers: bool = False) -> dict[str, HFParam]:
     """NNX parameter path -> HF key, as `GPT2LMHeadModel.state_dict()` names them.
 
     HF keys carry the "transformer." prefix of `GPT2LMHeadModel`; the original OpenAI-GPT-2
     safetensors files store the same names without it ("h.0.attn.c_attn.weight"), and also
     hold non-parameter `attn.bias` mask buffers, which a loader should ignore. No key is
     transposed (Conv1D stores [in, out]); there is no lm_head (tied to `wte`).
+    `scan_layers` must be False (GPT-2 layers are never stacked).
     """
+    if scan_layers:
+        raise ValueError("GPT-2 layers are never stacked; call with scan_layers=False.")
     out = {
         "wte.embedding": HFParam("transformer.wte.weight", False),
         "wpe.embedding": HFParam("transformer.wpe.weight", False),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
+from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Bool, Float, Int
 
@@ -207,7 +208,16 @@ def matmul(
     Returns:
       [..., f] product in the operands' dtype.
     """
-    return _matmul(x, w, precision)
+    return _named(_matmul(x, w, precision))
+
+
+# Remat policies cannot see dots inside a custom_jvp (the primitive they inspect is the
+# custom_jvp call), so weight-matmul outputs are tagged by name for the "matmuls" policy.
+WEIGHT_MATMUL = "weight_matmul"
+
+
+def _named(y: jax.Array) -> jax.Array:
+    return checkpoint_name(y, WEIGHT_MATMUL)
 
 
 def linear_dot_general(
@@ -234,7 +244,7 @@ def linear_dot_general(
         and not tuple(lhs_batch)
         and not tuple(rhs_batch)
     ):
-        return _matmul(lhs, rhs, precision)
+        return _named(_matmul(lhs, rhs, precision))
     kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
     return jax.lax.dot_general(
         lhs,
@@ -341,6 +351,107 @@ def dot_product_attention(
         _to_kv_major(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale
     )
     return _from_kv_major(out, t)
+
+
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "einsum", "dot_product_attention")
+
+
+def resolve_attention(implementation: str) -> str:
+    """The attention path to run: "auto" picks by backend, the others are taken as given.
+
+    "einsum" is `dot_product_attention` above (scores and gradients laid out for XLA:CPU's
+    fast kernels); "dot_product_attention" is `jax.nn.dot_product_attention` (cuDNN flash
+    attention on GPU when the inputs allow it, XLA elsewhere). "auto" takes the einsum
+    path on CPU, where it measured faster (gradient of the issue-2 benchmark model,
+    8 x 256 tokens, 2-core CPU: 3.15 s vs 3.52 s; see BENCHMARKS.md), and
+    `jax.nn.dot_product_attention` on GPU and TPU.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is unknown; use one of "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
+        )
+    if implementation == "auto":
+        return "einsum" if jax.default_backend() == "cpu" else "dot_product_attention"
+    return implementation
+
+
+def attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s kv d"],
+    v: Float[Array, "b s kv d"],
+    allowed: Bool[Array, "b t s"],
+    scale: float,
+    implementation: str = "auto",
+) -> Float[Array, "b t h d"]:
+    """Grouped-query attention through the path `implementation` names.
+
+    Both paths compute scores and softmax in float32, handle grouped-query attention
+    without repeating keys/values, and give a query row with no allowed key the mean of
+    the values (a uniform softmax), so they agree on padding rows too.
+
+    Args:
+      q: [B, T, H, D] queries (after RoPE).
+      k: [B, S, KV, D] keys.
+      v: [B, S, KV, D] values.
+      allowed: [B, T, S] True where query t may attend to key s (causal, sliding window
+        and padding all folded in).
+      scale: score multiplier.
+      implementation: one of `ATTENTION_IMPLEMENTATIONS` (see `resolve_attention`).
+
+    Returns:
+      [B, T, H, D] attention outputs in the dtype of `v`.
+    """
+    if resolve_attention(implementation) == "einsum":
+        return dot_product_attention(q, k, v, allowed, scale)
+    # jax.nn's mask broadcasts over query heads: [B, 1, T, S].
+    out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale)
+    return out.astype(v.dtype)
+
+
+REMAT_POLICIES: tuple[str, ...] = ("none", "matmuls", "full")
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy for a named rematerialisation level.
+
+    "none": no rematerialisation (every activation of the backward pass is kept);
+    "matmuls": keep the outputs of the weight matmuls (dots without batch dimensions:
+    projections and MLP) and recompute the rest (norms, RoPE, activations, attention);
+    "full": keep only each block's input and recompute the whole block.
+
+    Returns:
+      None for "none", else a `jax.checkpoint_policies` policy.
+
+    References:
+      Chen et al., "Training Deep Nets with Sublinear Memory Cost", 2016, arXiv:1604.06174.
+    """
+    policies = {
+        "none": None,
+        "matmuls": jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            jax.checkpoint_policies.save_only_these_names(WEIGHT_MATMUL),
+        ),
+        "full": jax.checkpoint_policies.nothing_saveable,
+    }
+    if name not in policies:
+        raise ValueError(f"remat policy {name!r} is unknown; use one of {', '.join(policies)}.")
+    return policies[name]
+
+
+def rematerialised(block: nnx.Module, policy, *args):
+    """``block(*args)`` under `jax.checkpoint` with `policy` (from `remat_policy`).
+
+    The block's state goes in as an explicit argument (plain `jax.checkpoint` over
+    split/merge rather than `nnx.remat`), so it works whatever trace the parameters come
+    from, e.g. a frozen reference model closed over by a differentiated loss.
+    """
+    graphdef, state = nnx.split(block)
+
+    def run(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    return jax.checkpoint(run, policy=policy)(state, *args)
 
 
 def check_hidden_layers(hidden_layers, num_layers: int) -> tuple[int, ...]:

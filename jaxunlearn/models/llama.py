@@ -23,11 +23,14 @@ from jaxunlearn.models.layers import (
     RMSNorm,
     activation,
     apply_rope,
+    attention,
     check_hidden_layers,
-    dot_product_attention,
     linear_dot_general,
     matmul,
     normal_init,
+    remat_policy,
+    rematerialised,
+    resolve_attention,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -52,11 +55,13 @@ def _linear(d_in, d_out, bias, dtype, param_dtype, rngs):
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE (and Qwen3's q/k norm)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, implementation: str = "auto"
+    ):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.sliding = cfg.is_sliding(layer)
+        self.implementation = implementation
         d, h, kv, hd = cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = _linear(d, h * hd, cfg.attention_bias, **kw)
@@ -89,7 +94,7 @@ class Attention(nnx.Module):
         if layer_cache is not None:
             k_btkd, v_btkd = kv_cache.update_layer(*layer_cache, k_btkd, v_btkd, cache_index)
             layer_cache = (k_btkd, v_btkd)
-        out = dot_product_attention(q_bthd, k_btkd, v_btkd, allowed, self.head_dim**-0.5)
+        out = attention(q_bthd, k_btkd, v_btkd, allowed, self.head_dim**-0.5, self.implementation)
         return self.o_proj(out.reshape(b, t, -1)), layer_cache
 
 
@@ -111,10 +116,14 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "auto"
+    ):
         norm_kw = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
-        self.attn = Attention(cfg, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(
+            cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, implementation=attention
+        )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -133,8 +142,21 @@ class LlamaForCausalLM(nnx.Module):
     Args:
       cfg: a `ModelConfig` with `model_type` in `LLAMA_FAMILY`.
       dtype: compute dtype of activations and matmuls (norms and softmax stay float32).
+        Parameters are cast to it where they are used, so ``dtype=bfloat16,
+        param_dtype=float32`` is bfloat16 compute with float32 master weights.
       param_dtype: storage dtype of the parameters.
       rngs: initialisation randomness (weights are normally overwritten by the loader).
+      scan_layers: store the decoder layers stacked (each parameter gets a leading [L] axis,
+        e.g. ``layers.attn.q_proj.kernel`` is [L, D, H*Dh]) and run them with one
+        `jax.lax.scan`, so compile time does not grow with depth. Decoding with a KV cache
+        runs the same stacked weights layer by layer. Off by default: unstacked layers
+        keep per-layer parameter names (``layers.3.mlp.down_proj.kernel``), which methods
+        that pick layers by name (RMU's trained layers) rely on.
+      remat: rematerialisation of each decoder layer in the backward pass: "none",
+        "matmuls" (keep the weight-matmul outputs) or "full" (keep only layer inputs); see
+        `jaxunlearn.models.layers.remat_policy`.
+      attention: "auto", "einsum" or "dot_product_attention" (see
+        `jaxunlearn.models.layers.resolve_attention`).
     """
 
     def __init__(
@@ -144,11 +166,18 @@ class LlamaForCausalLM(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
+        scan_layers: bool = False,
+        remat: str = "none",
+        attention: str = "auto",
     ):
         if cfg.model_type not in LLAMA_FAMILY:
             raise ValueError(f"LlamaForCausalLM cannot build model_type {cfg.model_type!r}.")
+        remat_policy(remat)  # validate the names now, not at the first call
+        resolve_attention(attention)
         self.config = cfg
         self.dtype = dtype
+        self.scan_layers = bool(scan_layers)
+        self.remat = remat
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -157,12 +186,19 @@ class LlamaForCausalLM(nnx.Module):
             embedding_init=normal_init(),
             rngs=rngs,
         )
-        self.layers = nnx.List(
-            [
-                DecoderLayer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for i in range(cfg.num_hidden_layers)
-            ]
-        )
+        layer_kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention)
+        if self.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.num_hidden_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs):
+                return DecoderLayer(cfg, rngs=rngs, **layer_kw)
+
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List(
+                [DecoderLayer(cfg, rngs=rngs, **layer_kw) for _ in range(cfg.num_hidden_layers)]
+            )
         self.norm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
@@ -176,6 +212,13 @@ class LlamaForCausalLM(nnx.Module):
         if self.lm_head is None:
             return self.embed_tokens.embedding[...].T.astype(self.dtype)
         return self.lm_head.kernel[...].astype(self.dtype)
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer `i` (for stacked layers, a module holding slice i of the stack)."""
+        if not self.scan_layers:
+            return self.layers[i]
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
     def __call__(
         self,
@@ -219,36 +262,90 @@ class LlamaForCausalLM(nnx.Module):
             )
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope_cos_sin(position_ids, inv_freq, self.dtype)
+        masks = (allowed, allowed_sliding)
 
         x = self.embed_tokens(input_ids)
-        captured, new_keys, new_values = {}, [], []
-        cache_index = None if cache is None else cache.index
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            mask = allowed_sliding if layer.attn.sliding else allowed
-            x, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index)
-            if layer_cache is not None:
-                new_keys.append(layer_cache[0])
-                new_values.append(layer_cache[1])
-            if i in hidden_layers:
-                captured[i] = x
+        if self.scan_layers and cache is None:
+            x, captured = self._scanned(x, cos, sin, masks, hidden_layers)
+            new_keys = new_values = ()
+        else:
+            x, captured, new_keys, new_values = self._unrolled(
+                x, cos, sin, masks, hidden_layers, cache
+            )
         hidden = self.norm(x)
         kernel = self.unembedding()
         logits = matmul(hidden, kernel) if return_logits else None
         new_cache = kv_cache.advance(cache, new_keys, new_values, key_mask, t)
         return CausalLMOutput(logits, Head(hidden, kernel), captured, new_cache)
 
+    def _unrolled(self, x, cos, sin, masks, hidden_layers, cache):
+        """Runs the layers one by one (unstacked layers, or decoding with a cache)."""
+        cfg = self.config
+        policy = remat_policy(self.remat)
+        captured, new_keys, new_values = {}, [], []
+        cache_index = None if cache is None else cache.index
+        for i in range(cfg.num_hidden_layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            mask = masks[1] if cfg.is_sliding(i) else masks[0]
+            block = self.layer(i)
+            if policy is not None and cache is None:
+                x = rematerialised(block, policy, x, cos, sin, mask, None, None)[0]
+            else:
+                x, layer_cache = block(x, cos, sin, mask, layer_cache, cache_index)
+            if layer_cache is not None:
+                new_keys.append(layer_cache[0])
+                new_values.append(layer_cache[1])
+            if i in hidden_layers:
+                captured[i] = x
+        return x, captured, new_keys, new_values
 
-def hf_param_map(cfg: ModelConfig) -> dict[str, HFParam]:
+    def _scanned(self, x, cos, sin, masks, hidden_layers):
+        """Runs the stacked layers with one `lax.scan` (remat applied to the scan body)."""
+        cfg = self.config
+        graphdef, state = nnx.split(self.layers)
+        sliding = jnp.asarray([cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)])
+
+        def body(carry, xs):
+            h, captured = carry
+            layer_state, index, slides = xs
+            if masks[1] is None:
+                mask = masks[0]
+            else:
+                mask = jnp.where(slides, masks[1], masks[0])
+            h, _ = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, None, None)
+            # Keep the requested layers' outputs in the carry (not one per layer).
+            captured = tuple(jnp.where(index == i, h, c) for i, c in zip(hidden_layers, captured))
+            return (h, captured), None
+
+        policy = remat_policy(self.remat)
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        init = (x, tuple(jnp.zeros_like(x) for _ in hidden_layers))
+        layer_ids = jnp.arange(cfg.num_hidden_layers)
+        (x, captured), _ = jax.lax.scan(body, init, (state, layer_ids, sliding))
+        return x, dict(zip(hidden_layers, captured))
+
+
+def hf_param_map(cfg: ModelConfig, *, scan_layers: bool = False) -> dict[str, HFParam]:
     """NNX parameter path -> HF safetensors key for a Llama-family model.
 
     Keys are `'.'.join(map(str, path))` of `nnx.to_flat_state(nnx.state(model, nnx.Param))`.
     With tied embeddings there is no `lm_head.kernel` (HF checkpoints then carry no
     `lm_head.weight`, or one equal to the embedding, which the loader can ignore).
+
+    Args:
+      cfg: the architecture.
+      scan_layers: the model stacks its layers (`LlamaForCausalLM(scan_layers=True)`): a
+        layer parameter ``layers.attn.q_proj.kernel`` then maps to the per-layer keys
+        ``model.layers.{i}.self_attn.q_proj.weight``, i = 0..L-1 (`HFParam.layers` = L),
+        stacked along a new leading axis; the files keep the Hugging Face layout.
     """
     out = {"embed_tokens.embedding": HFParam("model.embed_tokens.weight", False)}
-    for i in range(cfg.num_hidden_layers):
-        ours, hf = f"layers.{i}", f"model.layers.{i}"
+    layer_ids = [None] if scan_layers else range(cfg.num_hidden_layers)
+    stacked = cfg.num_hidden_layers if scan_layers else None
+    for i in layer_ids:
+        ours = "layers" if i is None else f"layers.{i}"
+        hf = "model.layers.{}" if i is None else f"model.layers.{i}"
         linears = {
             "attn.q_proj": ("self_attn.q_proj", cfg.attention_bias),
             "attn.k_proj": ("self_attn.k_proj", cfg.attention_bias),
@@ -259,15 +356,17 @@ def hf_param_map(cfg: ModelConfig) -> dict[str, HFParam]:
             "mlp.down_proj": ("mlp.down_proj", cfg.mlp_bias),
         }
         for name, (hf_name, bias) in linears.items():
-            out[f"{ours}.{name}.kernel"] = HFParam(f"{hf}.{hf_name}.weight", True)
+            out[f"{ours}.{name}.kernel"] = HFParam(f"{hf}.{hf_name}.weight", True, stacked)
             if bias:
-                out[f"{ours}.{name}.bias"] = HFParam(f"{hf}.{hf_name}.bias", False)
+                out[f"{ours}.{name}.bias"] = HFParam(f"{hf}.{hf_name}.bias", False, stacked)
         norms = ["input_layernorm", "post_attention_layernorm"]
         for name in norms:
-            out[f"{ours}.{name}.scale"] = HFParam(f"{hf}.{name}.weight", False)
+            out[f"{ours}.{name}.scale"] = HFParam(f"{hf}.{name}.weight", False, stacked)
         if cfg.qk_norm:
             for name in ("q_norm", "k_norm"):
-                out[f"{ours}.attn.{name}.scale"] = HFParam(f"{hf}.self_attn.{name}.weight", False)
+                out[f"{ours}.attn.{name}.scale"] = HFParam(
+                    f"{hf}.self_attn.{name}.weight", False, stacked
+                )
     out["norm.scale"] = HFParam("model.norm.weight", False)
     if not cfg.tie_word_embeddings:
         out["lm_head.kernel"] = HFParam("lm_head.weight", True)
