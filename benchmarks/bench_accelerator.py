@@ -92,8 +92,7 @@ def time_method(name, cfg, args, policy, batch) -> dict:
     graphdef, _, rest = train.split_model(nnx.eval_shape(build))
     params = jax.jit(lambda: train.split_model(build())[1])()
     tx = policy.optimizer(recipe.tx)
-    step = train.make_step(graphdef, rest, recipe.objective, tx,
-                           needs_split_grads=recipe.split_grads)  # fmt: skip
+    step = train.make_step(graphdef, rest, recipe.objective, tx)
     opt_state = step.init(params)
     batch = jax.device_put(batch)
     start = time.perf_counter()

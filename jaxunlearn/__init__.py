@@ -18,7 +18,7 @@ _LAZY = {
 }
 _SUBMODULES = (
     "models", "checkpoints", "scores", "objectives", "transforms", "data", "eval",
-    "parallel", "recipes", "train", "bilevel", "cli",
+    "parallel", "recipes", "train", "bilevel", "plan", "classifiers", "distributed", "cli",
 )  # fmt: skip
 
 

@@ -5,8 +5,8 @@ The mesh has three axes, always in this order:
 - ``"data"``: pure data parallelism (parameters replicated);
 - ``"fsdp"``: data parallelism with parameters (and therefore optimizer state) sharded
   ZeRO-3 style, each parameter split along one dimension;
-- ``"model"``: reserved for tensor parallelism; parameters are not split along it by
-  `param_sharding`, so with the default size 1 it costs nothing.
+- ``"model"``: tensor parallelism: with a size above 1, `param_sharding` splits attention
+  heads, the MLP hidden dimension and the vocabulary along it (`jaxunlearn.parallel_rules`).
 
 Batches are split over ``("data", "fsdp")`` together, so the global batch is spread over
 every device whatever the split between the two axes. The same program runs on one CPU,
@@ -124,8 +124,17 @@ def param_sharding(abstract_state: Any, mesh: Mesh) -> Any:
       mesh: a mesh from `mesh` (it must have an ``"fsdp"`` axis).
 
     Returns:
-      A pytree of the same structure with a `NamedSharding` per leaf (see `fsdp_spec`).
+      A pytree of the same structure with a `NamedSharding` per leaf (see `fsdp_spec`). On a
+      mesh whose ``"model"`` axis is larger than 1, tensor-parallel shardings by parameter
+      name (`jaxunlearn.parallel_rules`: heads and MLP hidden split, vocabulary-parallel
+      embedding and head), combined with FSDP.
     """
+    if mesh.shape.get("model", 1) > 1:
+        from jaxunlearn import parallel_rules
+
+        # Non-strict: optimizer states of shape-changing transforms (GU's [rank, ...] basis)
+        # fall back to FSDP where the model axis does not divide them.
+        return parallel_rules.param_sharding(abstract_state, mesh, strict=False)
     fsdp_size = mesh.shape["fsdp"]
     return jax.tree.map(
         lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size)), abstract_state

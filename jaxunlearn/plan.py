@@ -310,11 +310,12 @@ def _setup(cfg, recipe, mesh, policy, *, rows, seq, remat, scan_layers, micro_ba
     parameters = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
     params = _placed(params, mesh)
     replicated = NamedSharding(mesh, P())
-    rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), rest)
+    rest = _placed(rest, mesh)  # FSDP-sharded like the parameters, as `unlearn` places it
     parts = ["forget"] + ["retain"] * recipe.needs_retain + ["alternate"] * recipe.needs_alternate
     batch = _abstract_batch(parts, rows, seq, parallel.batch_sharding(mesh))
     objective_state = train.init_objective_state(recipe.objective)
-    split = recipe.split_grads
+    tx = policy.optimizer(recipe.tx)
+    split = train.wants_retain_grads(tx, params)  # GU / HAMU read retain_grads
     in_step = set(train.reference_parts(recipe.objective, graphdef, params, rest, batch,
                                         objective_state, split=split))  # fmt: skip
     if in_step:  # precompute reference log-probs where they suffice, as `unlearn` does
@@ -322,11 +323,9 @@ def _setup(cfg, recipe, mesh, policy, *, rows, seq, remat, scan_layers, micro_ba
         in_step = set(train.reference_parts(recipe.objective, graphdef, params, rest, batch,
                                             objective_state, split=split))  # fmt: skip
     ref_params = params if in_step else None
-    tx = policy.optimizer(recipe.tx)
     step = train.make_step(
-        graphdef, rest, recipe.objective, tx, ref_params=ref_params,
-        needs_split_grads=split, micro_batches=micro_batches,
-    )  # fmt: skip
+        graphdef, rest, recipe.objective, tx, ref_params=ref_params, micro_batches=micro_batches
+    )
     opt_state = _placed(jax.eval_shape(tx.init, params), mesh)
     if objective_state is not None:
         objective_state = jax.tree.map(
@@ -352,7 +351,7 @@ def _compile(s: _Setup, mesh: Any) -> tuple[Any, float]:
     start = time.perf_counter()
     jitted = jax.jit(s.step.update_fn, donate_argnums=(0, 1), out_shardings=shardings)
     compiled = jitted.lower(
-        s.params, s.opt_state, s.batch, s.objective_state, s.ref_params
+        s.params, s.opt_state, s.batch, s.objective_state, s.step.frozen
     ).compile()
     return compiled, time.perf_counter() - start
 
@@ -546,18 +545,6 @@ def format_plan(p: Plan, accelerator: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- command
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Adds the ``plan`` subcommand to an argparse subparsers object."""
-    parser = subparsers.add_parser(
-        "plan",
-        help="compile the unlearning step from shapes: bytes and FLOPs per device",
-        description=__doc__.split("\n\n")[0],
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=lambda args: run(args))
-    return parser
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""Executes every notebook in notebooks/ on the `tiny` TOFU preset (as CI does).
+"""Executes every notebook in notebooks/ on the `tiny` presets (TOFU, classifiers), as CI does.
 
 The notebooks read JAXUNLEARN_PRESET; their outputs must be stripped in git, so this also
 checks that no cell carries outputs or an execution count.
@@ -12,11 +12,11 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_four_notebooks_with_stripped_outputs():
+def test_there_are_five_notebooks_with_stripped_outputs():
     import nbformat
 
     names = [p.name for p in NOTEBOOKS]
-    assert len(names) == 4, names
+    assert len(names) == 5, names
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)

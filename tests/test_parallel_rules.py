@@ -70,9 +70,6 @@ BODY = """
 
     # What the driver will do once param_sharding knows the "model" axis (optimizer states
     # go through the same function, non-strict).
-    parallel.param_sharding = lambda state, mesh: parallel_rules.param_sharding(
-        state, mesh, strict=False
-    )
 
     def run(mesh):
         data = ForgetRetainSampler(forget, retain, batch_size=8, seed=3, buckets=(16,))
@@ -125,9 +122,6 @@ LORA_BODY = """
     from jaxunlearn.data import ForgetRetainSampler
     from jaxunlearn.models import lora
 
-    parallel.param_sharding = lambda state, mesh: parallel_rules.param_sharding(
-        state, mesh, strict=False
-    )
     model = lora.apply_lora(tiny_model(heads=4, kv_heads=4), rank=4, alpha=8.0)
     forget, retain = examples(16, 1), examples(24, 2)
 

@@ -88,7 +88,7 @@ def _copy_split(model: nnx.Module):
     return graphdef, jax.tree.map(jnp.copy, params), rest  # the step donates params
 
 
-def _run(model, task, objective, tx, *, steps, batch_size, seed, split=False, ofmu=None):
+def _run(model, task, objective, tx, *, steps, batch_size, seed, ofmu=None):
     """`steps` jitted unlearning steps on a copy of `model`'s parameters."""
     graphdef, params, rest = _copy_split(model)
     data = ForgetRetainImages(
@@ -97,7 +97,7 @@ def _run(model, task, objective, tx, *, steps, batch_size, seed, split=False, of
     if ofmu is not None:
         step = ofmu.make_step(graphdef, rest, objective)
     else:
-        step = train.make_step(graphdef, rest, objective, tx, needs_split_grads=split)
+        step = train.make_step(graphdef, rest, objective, tx)  # GU/HAMU get retain_grads
     opt_state, state = step.init(params), None
     for s in range(steps):
         params, opt_state, state, metrics = step(params, opt_state, data.batch_at(s), state)
@@ -169,8 +169,7 @@ def gu(model, task: Task, *, lr=5e-3, rank=4, steps=30, batch_size=64, seed=0, a
     """GU: gradient ascent with its retain-entangled part projected out, plus retain descent."""
     objective = forget_retain(cob.gradient_ascent(), cob.cross_entropy(), alpha=alpha)
     tx = optax.chain(transforms.retain_projection(rank=rank), optax.sgd(lr))
-    return _run(model, task, objective, tx, steps=steps, batch_size=batch_size, seed=seed,
-                split=True)  # fmt: skip
+    return _run(model, task, objective, tx, steps=steps, batch_size=batch_size, seed=seed)
 
 
 def hamu(model, task: Task, *, lr=0.05, constraint=None, steps=20, batch_size=64, seed=0):
@@ -178,8 +177,7 @@ def hamu(model, task: Task, *, lr=0.05, constraint=None, steps=20, batch_size=64
     objective = forget_retain(cob.gradient_ascent(), cob.cross_entropy())
     bound = 0.5 * lr if constraint is None else constraint  # HAMU's B = 0.5 · lr
     tx = transforms.hardness_aware(lr, bound, stop_on_infeasible=False)
-    return _run(model, task, objective, tx, steps=steps, batch_size=batch_size, seed=seed,
-                split=True)  # fmt: skip
+    return _run(model, task, objective, tx, steps=steps, batch_size=batch_size, seed=seed)
 
 
 def ofmu(model, task: Task, *, lr_inner=2e-3, lr_outer=0.01, inner_steps=2, beta=1.0, rho=0.1,

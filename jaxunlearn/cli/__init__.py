@@ -3,6 +3,7 @@
     jaxunlearn unlearn --model DIR --method npo --forget f.jsonl --retain r.jsonl --steps 100 --out OUT
     jaxunlearn eval --model DIR --benchmark tofu --forget-split forget10 --out out/TOFU_EVAL.json
     jaxunlearn convert SRC DST --to orbax|hf
+    jaxunlearn plan --model llama-3.1-8b --method npo --mesh fsdp=8 --batch 4 --seq 512
     jaxunlearn demo [--preset tiny|small|full]
     jaxunlearn sweep --method npo --grid beta=0.05,0.1
 
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "unlearn": "unlearn",
     "eval": "eval",
     "convert": "convert",
+    "plan": "plan",
     "demo": "demo",
     "sweep": "sweep",
 }

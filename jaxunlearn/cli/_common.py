@@ -68,3 +68,49 @@ def precision_dtype(name: str) -> Any:
     import jax.numpy as jnp
 
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def add_model_arguments(parser: Any) -> None:
+    """How the model is built: precision policy, rematerialisation, stacked layers, attention."""
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bf16", "bf16-params"),
+        help="float32; bf16 (bfloat16 compute, float32 master weights and optimizer state); "
+        "bf16-params (bfloat16 parameters, float32 optimizer moments). Losses, log-softmax "
+        "and metrics are float32 always. Default: --dtype",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="parameter dtype when --precision is not given (bfloat16: compute and store)",
+    )
+    parser.add_argument(
+        "--remat",
+        default="none",
+        choices=("none", "matmuls", "full"),
+        help="per-block rematerialisation (saves activation memory for recomputation)",
+    )
+    parser.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="stack the decoder layers and scan over them (compile time flat in depth)",
+    )
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "einsum", "dot_product_attention"),
+        help="auto: jax.nn.dot_product_attention (fused kernels) on GPU/TPU, einsum on CPU",
+    )
+
+
+def model_options(args: Any) -> tuple[dict[str, Any], Any]:
+    """(`load_pretrained` keyword arguments, the precision policy or None) of the flags of
+    `add_model_arguments`."""
+    options = {"remat": args.remat, "scan_layers": args.scan_layers, "attention": args.attention}
+    if args.precision is None:
+        return {"dtype": precision_dtype(args.dtype), **options}, None
+    from jaxunlearn import parallel
+
+    policy = parallel.precision_policy(args.precision)
+    return {**policy.model_kwargs(), **options}, policy

@@ -1,8 +1,10 @@
-"""``jaxunlearn demo``: the TOFU benchmark end to end (the `small` preset by default).
+"""``jaxunlearn demo``: a benchmark end to end (TOFU, `small` preset, by default).
 
-Trains a tokenizer, a target and a retain oracle on TOFU from scratch (cached), unlearns the
-forget authors with every method, evaluates, and writes a leaderboard and a forget-quality vs
-model-utility plot (`jaxunlearn.pipeline.run_tofu`).
+``--benchmark tofu``: trains a tokenizer, a target and a retain oracle on TOFU from scratch
+(cached), unlearns the forget authors with every method, evaluates, and writes a leaderboard
+and a forget-quality vs model-utility plot (`jaxunlearn.pipeline.run_tofu`).
+``--benchmark classifiers``: the same for image classifiers (forget a class, a sub-class or
+random samples; `jaxunlearn.pipeline.classifiers.run_classifiers`).
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ import argparse
 import os
 from typing import Any
 
-from jaxunlearn.cli._common import EXIT_OK, bad_input
+from jaxunlearn.cli._common import EXIT_OK, UsageError, bad_input
 
 
-def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
+def add_preset_arguments(parser: argparse.ArgumentParser, *, tofu_only: bool = True) -> None:
     """--preset / --out / --cache-dir / --no-progress, shared with ``sweep``."""
     from jaxunlearn.pipeline.presets import PRESETS
 
     parser.add_argument(
         "--preset",
         default=os.environ.get("JAXUNLEARN_PRESET") or "small",
-        choices=sorted(PRESETS),
+        choices=sorted(PRESETS) if tofu_only else None,
         help="benchmark size: tiny (CI, seconds), small (default, minutes on a laptop CPU), "
-        "full (all 200 authors, forget01/05/10); default from $JAXUNLEARN_PRESET",
+        "full (all 200 authors, forget01/05/10); classifiers also resnet18-digits, cifar10, "
+        "cifar100; default from $JAXUNLEARN_PRESET",
     )
     parser.add_argument("--out", default=None, help="output folder (default ./tofu-<preset>)")
     parser.add_argument(
@@ -45,9 +48,21 @@ def print_leaderboard(result: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``jaxunlearn demo``; returns the exit status."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.benchmark == "classifiers":
+        from jaxunlearn.pipeline.classifiers import run_classifiers
+
+        with bad_input():
+            result = run_classifiers(
+                args.preset, args.scenario, args.out, forget=args.forget, data_path=args.data,
+                methods=methods, cache_dir=args.cache_dir, checkpoint=args.checkpoint,
+            )  # fmt: skip
+        print_leaderboard(result)
+        return EXIT_OK
     from jaxunlearn.pipeline import run_tofu
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.preset not in ("tiny", "small", "full"):
+        raise UsageError(f"--preset {args.preset!r}: TOFU presets are tiny, small and full.")
     with bad_input():
         result = run_tofu(
             args.preset,
@@ -71,10 +86,18 @@ def register(subparsers: Any) -> None:
         "forget authors with every method, evaluate, and write a leaderboard and a forget-"
         "quality vs model-utility plot.",
     )
-    add_preset_arguments(p)
+    p.add_argument("--benchmark", default="tofu", choices=("tofu", "classifiers"))
+    add_preset_arguments(p, tofu_only=False)
     p.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated methods (default: all of {','.join(ALL_METHODS)})",
+        help=f"comma-separated methods (default: all; TOFU: {','.join(ALL_METHODS)})",
     )
+    c = p.add_argument_group("classifiers")
+    c.add_argument(
+        "--scenario", default="full_class", choices=("full_class", "sub_class", "random")
+    )
+    c.add_argument("--forget", default=None, help="class / fine class / amount to forget")
+    c.add_argument("--data", default=None, help="CIFAR binary archive or image folder")
+    c.add_argument("--checkpoint", default=None, help="HF ResNet/ViT classifier as the target")
     p.set_defaults(run=run)

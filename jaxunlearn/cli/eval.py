@@ -21,7 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxunlearn.cli._common import EXIT_OK, UsageError, bad_input, parse_buckets, precision_dtype
+from jaxunlearn.cli._common import (
+    EXIT_OK,
+    UsageError,
+    add_model_arguments,
+    bad_input,
+    model_options,
+    parse_buckets,
+)
 
 _BENCHMARKS = ("tofu", "muse", "mc")
 
@@ -72,7 +79,7 @@ def register(subparsers: Any) -> None:
         help="comma-separated padded sequence lengths, e.g. 256,512,1024 (default: "
         "32..4096); each bucket used compiles once",
     )
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    add_model_arguments(p)
     p.add_argument(
         "--shard",
         action="store_true",
@@ -112,12 +119,13 @@ def _run(args: argparse.Namespace) -> int:
     from jaxunlearn.eval import inference, multiple_choice, muse, report, tofu
 
     mesh = parallel.mesh(data=-1) if args.shard else None
-    dtype = precision_dtype(args.dtype)
-    model = checkpoints.load_pretrained(args.model, dtype=dtype, mesh=mesh)
+    options, _ = model_options(args)
+    options["mesh"] = mesh
+    model = checkpoints.load_pretrained(args.model, **options)
     tokenizer = checkpoints.load_tokenizer(args.tokenizer or args.model)
     reference = None
     if args.reference_model:
-        reference = checkpoints.load_pretrained(args.reference_model, dtype=dtype, mesh=mesh)
+        reference = checkpoints.load_pretrained(args.reference_model, **options)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     common = dict(batch_size=args.batch_size, limit=args.limit, mesh=mesh, model_path=args.model)
     if args.buckets:

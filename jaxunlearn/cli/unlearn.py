@@ -22,10 +22,11 @@ from jaxunlearn.cli._common import (
     EXIT_OK,
     PROG,
     UsageError,
+    add_model_arguments,
     bad_input,
+    model_options,
     parse_buckets,
     parse_mesh,
-    precision_dtype,
 )
 
 RUN_RECORD = ".jaxunlearn-run.json"  # in --out: which run writes this directory
@@ -66,7 +67,9 @@ def _run_config(args: argparse.Namespace, recipe: Any) -> dict:
         "template": args.template,
         "max_length": args.max_length,
         "micro_batches": args.micro_batches,
-        "dtype": args.dtype,
+        "precision": args.precision or args.dtype,
+        "remat": args.remat,
+        "scan_layers": args.scan_layers,
     }
     return jsonable(config)
 
@@ -180,6 +183,11 @@ def run(args: argparse.Namespace) -> int:
     _check_paths(args, out)
     with bad_input():
         _check_layers(recipe, args.model)
+    if args.scan_layers and "layer" in recipe.hyperparameters:
+        raise UsageError(
+            f"method {recipe.name!r} reads and trains chosen layers by name; drop --scan-layers "
+            "(stacked layers have no per-layer parameters)."
+        )
     import jax
 
     from jaxunlearn._io import BusyError, exclusive_lock, recover_interrupted_save
@@ -208,14 +216,15 @@ def _locked_run(args: argparse.Namespace, recipe: Any, out: Path) -> int:
     with bad_input(f"{'--tokenizer' if args.tokenizer else '--model'} {source}: "):
         tokenizer = load_tokenizer(source)
     sampler = prepare_data(args, recipe, tokenizer)
-    dtype = precision_dtype(args.dtype)
+    options, policy = model_options(args)
     with bad_input():
-        pickle = args.allow_pickle
-        model = load_pretrained(args.model, dtype=dtype, mesh=mesh, allow_pickle=pickle)
-        ref_model = None
-        if args.reference:
-            ref_model = load_pretrained(args.reference, dtype=dtype, mesh=mesh, allow_pickle=pickle)
+        options |= {"mesh": mesh, "allow_pickle": args.allow_pickle}
+        model = load_pretrained(args.model, **options)
+        ref_model = load_pretrained(args.reference, **options) if args.reference else None
         config = _run_config(args, recipe)
+    tx = recipe.tx
+    if policy is not None and not isinstance(tx, train.StepBuilder):
+        tx = policy.optimizer(tx)  # e.g. float32 moments for bfloat16 parameters
 
     out.mkdir(parents=True, exist_ok=True)
     _claim_out(out, config, args.overwrite)
@@ -232,7 +241,7 @@ def _locked_run(args: argparse.Namespace, recipe: Any, out: Path) -> int:
             result = _ssd(model, recipe, sampler, mesh, log_path)
         else:
             result = train.unlearn(
-                model, recipe.objective, recipe.tx, sampler, steps=args.steps, mesh=mesh,
+                model, recipe.objective, tx, sampler, steps=args.steps, mesh=mesh,
                 seed=args.seed, micro_batches=args.micro_batches,
                 checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                 resume=not args.no_resume, log_path=log_path, tensorboard_dir=args.tensorboard,
@@ -345,7 +354,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--checkpoint-every", type=int, help="save every N steps")
     p.add_argument("--no-resume", action="store_true", help="do not resume from --checkpoint-dir")
     p.add_argument("--tensorboard", help="also write TensorBoard scalars here")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    add_model_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument(
         "--allow-pickle",

@@ -335,30 +335,3 @@ def _write(preset, task, rows, out: Path, cache: Path, total: float) -> dict[str
     paths["run"] = out / "run.json"
     atomic_write_text(paths["run"], json.dumps(metadata, indent=2, default=str) + "\n")
     return paths
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jaxunlearn.pipeline.classifiers``: the benchmark from the command line
-    (the arguments ``jaxunlearn demo --benchmark classifiers`` forwards)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Classifier unlearning benchmark (leaderboard).")
-    ap.add_argument("--preset", default="small", help=f"one of {sorted(PRESETS)}")
-    ap.add_argument("--scenario", default="full_class", choices=SCENARIOS)
-    ap.add_argument("--forget", default=None, help="class / fine class / amount to forget")
-    ap.add_argument("--methods", default=None, help=f"comma-separated subset of {ALL_METHODS}")
-    ap.add_argument("--out", default=None, help="output folder")
-    ap.add_argument("--data", default=None, help="CIFAR binary archive or image folder")
-    ap.add_argument("--checkpoint", default=None, help="HF ResNet/ViT classifier as the target")
-    ap.add_argument("--cache-dir", default=None)
-    args = ap.parse_args(argv)
-    methods = None if args.methods is None else tuple(m for m in args.methods.split(",") if m)
-    run_classifiers(
-        args.preset, args.scenario, args.out, forget=args.forget, data_path=args.data,
-        methods=methods, cache_dir=args.cache_dir, checkpoint=args.checkpoint,
-    )  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -278,6 +278,10 @@ def unlearn(
     _check_arguments(steps, on_nonfinite, checkpoint_dir, checkpoint_every, tensorboard_dir)
     batch_source(data)  # the data's protocol, checked before any work
     record = run_record(model, data, seed, run_config)
+    if mesh is not None and mesh.shape.get("model", 1) > 1 and hasattr(model, "config"):
+        from jaxunlearn.parallel_rules import check_model_axis
+
+        check_model_axis(model.config, mesh)  # names the axis and the size it does not divide
     graphdef, params0, rest = split_model(model)
     params0, rest = place_split_model(params0, rest, mesh)
     # The step donates its params; copying keeps the caller's model (and reference) valid.

@@ -122,10 +122,21 @@ def wants_retain_grads(tx: Any, params: Any) -> bool:
 
     closed = jax.make_jaxpr(update)(shapes, shapes, state, shapes)
     n = len(jax.tree.leaves(shapes))
-    retain_vars = set(closed.jaxpr.invars[n : 2 * n])
-    reads = [v for eqn in closed.jaxpr.eqns for v in eqn.invars] + list(closed.jaxpr.outvars)
-    used = {v for v in reads if not hasattr(v, "val")}  # literals (constants) carry .val
-    return bool(retain_vars & used)
+    return any(_used_inputs(closed.jaxpr)[n : 2 * n])
+
+
+def _used_inputs(jaxpr: Any) -> list[bool]:
+    """Which inputs of a jaxpr its outputs depend on (dead code removed first, so a cast of
+    an argument that is then dropped, as ``with_extra_args_support`` wrappers do, does not
+    count)."""
+    try:
+        from jax._src.interpreters import partial_eval as pe
+
+        return list(pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[1])
+    except (ImportError, AttributeError):  # no DCE in this jax: any read counts
+        reads = [v for eqn in jaxpr.eqns for v in eqn.invars] + list(jaxpr.outvars)
+        used = {v for v in reads if not hasattr(v, "val")}  # literals carry .val
+        return [v in used for v in jaxpr.invars]
 
 
 def loss_and_grads(
