@@ -16,8 +16,8 @@ transfers) by the number of processes. Here each process materialises only its s
 
 Example (on every process, after `jaxunlearn.parallel.initialize_distributed()`):
   >>> mesh = parallel.mesh(data=1, fsdp=-1)                              # doctest: +SKIP
-  >>> local = ProcessLocalSampler(sampler, mesh)
-  >>> batch = place_process_batch(local.batch_at(step), mesh)           # global arrays
+  >>> local = ProcessLocalSampler(sampler, mesh)  # doctest: +SKIP
+  >>> batch = place_process_batch(local.batch_at(step), mesh)           # global arrays  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ where parameters (and, through them, activations) live.
 
 Example:
   >>> from jaxunlearn import parallel, parallel_rules                      # doctest: +SKIP
-  >>> mesh = parallel.mesh(data=1, fsdp=2, model=4)
-  >>> parallel_rules.check_model_axis(model.config, mesh)
-  >>> shardings = parallel_rules.param_sharding(nnx.state(model, nnx.Param), mesh)
+  >>> mesh = parallel.mesh(data=1, fsdp=2, model=4)  # doctest: +SKIP
+  >>> parallel_rules.check_model_axis(model.config, mesh)  # doctest: +SKIP
+  >>> shardings = parallel_rules.param_sharding(nnx.state(model, nnx.Param), mesh)  # doctest: +SKIP
 
 References:
   Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model

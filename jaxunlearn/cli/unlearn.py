@@ -208,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _locked_run(args: argparse.Namespace, recipe: Any, out: Path) -> int:
     """The run, with --out (and --checkpoint-dir) locked against other writers."""
+    import jax
+
     from jaxunlearn import train
     from jaxunlearn.checkpoints import load_pretrained, load_tokenizer, save_pretrained
 
@@ -216,6 +218,11 @@ def _locked_run(args: argparse.Namespace, recipe: Any, out: Path) -> int:
     with bad_input(f"{'--tokenizer' if args.tokenizer else '--model'} {source}: "):
         tokenizer = load_tokenizer(source)
     sampler = prepare_data(args, recipe, tokenizer)
+    data = sampler
+    if args.distributed and mesh is not None and jax.process_count() > 1:
+        from jaxunlearn.distributed import ProcessLocalSampler
+
+        data = ProcessLocalSampler(sampler, mesh)  # each host reads only its rows
     options, policy = model_options(args)
     with bad_input():
         options |= {"mesh": mesh, "allow_pickle": args.allow_pickle}
@@ -241,7 +248,7 @@ def _locked_run(args: argparse.Namespace, recipe: Any, out: Path) -> int:
             result = _ssd(model, recipe, sampler, mesh, log_path)
         else:
             result = train.unlearn(
-                model, recipe.objective, tx, sampler, steps=args.steps, mesh=mesh,
+                model, recipe.objective, tx, data, steps=args.steps, mesh=mesh,
                 seed=args.seed, micro_batches=args.micro_batches,
                 checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                 resume=not args.no_resume, log_path=log_path, tensorboard_dir=args.tensorboard,
