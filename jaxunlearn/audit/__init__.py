@@ -1,0 +1,34 @@
+"""Audits of an unlearning claim: does the forgetting survive attacks, and what did it cost?
+
+Each check is a function of (model, data) returning per-item values and an aggregate:
+
+- `quantize`: round-to-nearest 8/4-bit weight quantization and the recovery it causes;
+- `relearn`: a short fine-tune on part of the forget set, forget metrics on the rest;
+- `remind`: losses over token-substitution neighbourhoods (REMIND flatness features);
+- `probe`: per-layer logistic-regression probes on hidden states, leave-items-out CV;
+- `trace`: a classifier telling the original from the unlearned model by its outputs;
+- `sequential`: deletion requests unlearned one after another.
+
+`command` is the ``jaxunlearn audit`` command that runs them all and writes a report.
+"""
+
+from jaxunlearn.audit import measures, quantize, relearn
+from jaxunlearn.audit.measures import ForgetMeasures, ScoringOptions, forget_measures, recovery
+from jaxunlearn.audit.quantize import changed_code_fraction, quantize_model, rtn_fake_quantize
+from jaxunlearn.audit.relearn import RelearnCurve, relearn_curve, relearn_split
+
+__all__ = [
+    "ForgetMeasures",
+    "RelearnCurve",
+    "ScoringOptions",
+    "changed_code_fraction",
+    "forget_measures",
+    "measures",
+    "quantize",
+    "quantize_model",
+    "recovery",
+    "relearn",
+    "relearn_curve",
+    "relearn_split",
+    "rtn_fake_quantize",
+]
