@@ -1,5 +1,6 @@
 """Tiny random Llama models, a word-level tokenizer and TOFU items for the audit tests."""
 
+import functools
 import json
 
 import numpy as np
@@ -66,3 +67,14 @@ def torch_answer_loss(model, example) -> float:
     target = torch.tensor(labels[1:])
     keep = target != -100
     return float(-logp[keep].gather(1, target[keep][:, None]).mean())
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_models():
+    """(tokenizer, hf target, hf unlearned twin, NNX target, NNX unlearned), built once."""
+    from conftest import _nnx_twin
+
+    tok = build_tokenizer()
+    target = hf_model(llama_config(tok), seed=0, noise=0.05)
+    unlearned = hf_model(target.config, seed=1, noise=0.02, base=target)
+    return tok, target, unlearned, _nnx_twin(target), _nnx_twin(unlearned)

@@ -6,10 +6,11 @@ steps and measure the forget metrics on the *other* forget items. If forgetting 
 relearning a few items should not bring back the rest faster than it would for a model that
 never saw them (the oracle, relearned with the same budget).
 
-The fine-tune is `jaxunlearn.train.unlearn` with `objectives.forget_retain(objectives.nll())`
-and `optax.adamw`; the curve at steps {0, 10, 25, 50, ...} is taken by resuming one run from
-its checkpoint (so the optimizer state carries over exactly, and the data order is that of a
-single run of the largest step count).
+The fine-tune is the jitted `jaxunlearn.train.make_step` with
+`objectives.forget_retain(objectives.nll())` and `optax.adamw`, fed by a `ForgetRetainSampler`,
+exactly what `train.unlearn` runs; the curve at steps {0, 10, 25, 50, ...} is measured along
+one run (one compile per batch shape), so step 50 is the step-25 model trained 25 steps more
+with the same optimizer state and data order as `unlearn(..., steps=50)`.
 
 References:
   Hu et al., "Jogging the Memory of Unlearned LLMs Through Targeted Relearning Attacks",
@@ -18,10 +19,11 @@ References:
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -29,6 +31,7 @@ from flax import nnx
 from jaxunlearn.audit.measures import ForgetMeasures
 from jaxunlearn.data import ForgetRetainSampler, tokenize_records
 from jaxunlearn.eval.runner import pad_token_id
+from jaxunlearn.train import make_step, split_model
 
 DEFAULT_STEPS: tuple[int, ...] = (0, 10, 25, 50, 100)
 
@@ -117,7 +120,6 @@ def relearn_curve(
       `RelearnCurve`.
     """
     from jaxunlearn import objectives
-    from jaxunlearn.train import unlearn
 
     steps = tuple(sorted({int(s) for s in steps}))
     if not steps or steps[0] < 0:
@@ -139,21 +141,31 @@ def relearn_curve(
         examples, None, batch_size=min(batch_size, len(examples)), seed=seed,
         pad_id=pad_token_id(tokenizer),
     )  # fmt: skip
-    objective = objectives.forget_retain(objectives.nll())
-    tx = optax.adamw(learning_rate, weight_decay=0.0)
+    graphdef, params, rest = split_model(model)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep `model` intact
+    step_fn = make_step(
+        graphdef, rest, objectives.forget_retain(objectives.nll()),
+        optax.adamw(learning_rate, weight_decay=0.0),
+    )  # fmt: skip
+    opt_state = step_fn.init(params)
     results, losses = [], []
-    with tempfile.TemporaryDirectory(prefix="jaxunlearn-relearn-") as ckpt:
-        for count in steps:
-            if count == 0:
-                results.append(measure(model, measured))
-                continue
-            run = unlearn(
-                model, objective, tx, sampler, steps=count, mesh=mesh, seed=seed,
-                checkpoint_dir=ckpt, progress=False,
-            )  # fmt: skip
-            losses.extend(float(m["loss"]) for m in run.metrics)
-            results.append(measure(run.model, measured))
+    for step in range(steps[-1] + 1):
+        if step in steps:  # measured before the next step donates these parameters
+            results.append(measure(nnx.merge(graphdef, params, rest), measured))
+        if step == steps[-1]:
+            break
+        batch = _place(sampler.batch_at(step), mesh)
+        params, opt_state, _, metrics = step_fn(params, opt_state, batch)
+        losses.append(float(metrics["loss"]))
     return RelearnCurve(split, steps, tuple(results), tuple(losses))
+
+
+def _place(batch: Any, mesh: Any) -> Any:
+    if mesh is None:
+        return jax.device_put(batch)
+    from jaxunlearn import parallel
+
+    return parallel.shard_batch(batch, mesh)
 
 
 __all__ = ["DEFAULT_STEPS", "RelearnCurve", "RelearnSplit", "relearn_curve", "relearn_split"]
