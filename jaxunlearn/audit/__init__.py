@@ -12,13 +12,14 @@ Each check is a function of (model, data) returning per-item values and an aggre
 `command` is the ``jaxunlearn audit`` command that runs them all and writes a report.
 """
 
-from jaxunlearn.audit import classify, measures, probe, quantize, relearn, remind, trace
+from jaxunlearn.audit import classify, measures, probe, quantize, relearn, remind, sequential, trace
 from jaxunlearn.audit.classify import HeldOut, grouped_cv
 from jaxunlearn.audit.measures import ForgetMeasures, ScoringOptions, forget_measures, recovery
 from jaxunlearn.audit.probe import ProbeResult, representation_probe
 from jaxunlearn.audit.quantize import changed_code_fraction, quantize_model, rtn_fake_quantize
 from jaxunlearn.audit.relearn import RelearnCurve, relearn_curve, relearn_split
 from jaxunlearn.audit.remind import RemindResult, remind_auc
+from jaxunlearn.audit.sequential import SequentialResult, sequential_unlearning
 from jaxunlearn.audit.trace import TraceResult, trace_detection
 
 __all__ = [
@@ -47,4 +48,7 @@ __all__ = [
     "relearn_curve",
     "relearn_split",
     "rtn_fake_quantize",
+    "SequentialResult",
+    "sequential",
+    "sequential_unlearning",
 ]
