@@ -69,6 +69,7 @@ class ScoringOptions(NamedTuple):
       buckets: padded lengths (one compile per bucket used).
       mesh: split batches over this mesh's ("data", "fsdp") axes, or None.
       max_new_tokens: greedy generation budget for ROUGE.
+      max_length: most tokens per item (longer items are cut; default the largest bucket).
     """
 
     fmt: str | PromptFormat = "raw"
@@ -76,9 +77,10 @@ class ScoringOptions(NamedTuple):
     buckets: Sequence[int] = EVAL_BUCKETS
     mesh: jax.sharding.Mesh | None = None
     max_new_tokens: int = 32
+    max_length: int | None = None
 
     def score_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `score_items` / `score_examples`."""
+        """Keyword arguments for `score_examples` (and `generate_answers`)."""
         return {"batch_size": self.batch_size, "buckets": self.buckets, "mesh": self.mesh}
 
 
@@ -96,7 +98,10 @@ def answer_losses(
     options: ScoringOptions = DEFAULT_OPTIONS,
 ) -> np.ndarray:
     """Lbar(a|q) per item: mean token NLL of the answer (with EOS), float64 [N]."""
-    arrays = score_items(model, tokenizer, _qa(items), options.fmt, **options.score_kwargs())
+    arrays = score_items(
+        model, tokenizer, _qa(items), options.fmt, max_length=options.max_length,
+        **options.score_kwargs(),
+    )  # fmt: skip
     return np.asarray(M.length_normalised_loss(arrays.logprob, arrays.mask), np.float64)
 
 
@@ -113,8 +118,8 @@ def _truth_ratios(model, tokenizer, items, options) -> np.ndarray:
     pert_items = [
         {"question": r["question"], "answer": a} for r, ps in zip(items, perturbed) for a in ps
     ]
-    correct = answer_losses(model, tokenizer, _qa(items, correct_key), options)
-    pert = answer_losses(model, tokenizer, pert_items, options).reshape(len(items), k)
+    losses = answer_losses(model, tokenizer, [*_qa(items, correct_key), *pert_items], options)
+    correct, pert = losses[: len(items)], losses[len(items) :].reshape(len(items), k)
     return M.truth_ratio(correct, pert)
 
 
@@ -149,7 +154,9 @@ def forget_measures(
     """
     if not items:
         raise ValueError("forget_measures got no items")
-    loss = answer_losses(model, tokenizer, items, options)
+    # Forget and holdout answers in one scoring call: one compile per shape, not per set.
+    losses = answer_losses(model, tokenizer, [*items, *(holdout or ())], options)
+    loss, h_loss = losses[: len(items)], losses[len(items) :]
     per_item = {"prob": np.exp(-loss)}
     aggregate = {"prob": float(np.nanmean(per_item["prob"]))}
     if "perturbed_answer" in items[0]:
@@ -176,7 +183,6 @@ def forget_measures(
         per_item["rouge"] = np.asarray([s["rougeL_recall"] for s in scores], np.float64)
         aggregate["rouge"] = float(per_item["rouge"].mean())
     if holdout:
-        h_loss = answer_losses(model, tokenizer, holdout, options)
         aggregate["mia_loss_auc"] = mia.mia_auc(loss, h_loss)
     return ForgetMeasures(per_item, aggregate)
 

@@ -152,15 +152,19 @@ def changed_code_fraction(
     a, b = _kernels(target, select), _kernels(unlearned, select)
     if a.keys() != b.keys():
         raise ValueError("changed_code_fraction: the models have different kernels")
-    changed = total = 0
+    _check(bits, group_size)
+    counts, total = [], 0
     for name, var in a.items():
         value = var[...]
         g = min(group_size, value.shape[-2])
-        ca, _ = quantize_codes(value, bits, g)
-        cb, _ = quantize_codes(b[name][...], bits, g)
-        changed += int(jnp.sum(ca != cb))
+        counts.append(_changed_codes(value, b[name][...], bits=bits, group_size=g))
         total += int(value.size)
-    return changed / total
+    return int(sum(int(c) for c in counts)) / total
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
+def _changed_codes(a: jax.Array, b: jax.Array, *, bits: int, group_size: int) -> jax.Array:
+    return jnp.sum(quantize_codes(a, bits, group_size)[0] != quantize_codes(b, bits, group_size)[0])
 
 
 __all__ = [
