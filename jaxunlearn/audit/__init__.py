@@ -9,10 +9,23 @@ Each check is a function of (model, data) returning per-item values and an aggre
 - `trace`: a classifier telling the original from the unlearned model by its outputs;
 - `sequential`: deletion requests unlearned one after another.
 
-`command` is the ``jaxunlearn audit`` command that runs them all and writes a report.
+`suite.run_audit` runs them all on the target, the unlearned model and the oracle side by
+side, `suite.robustness_summary` reduces that to leaderboard columns, `report` writes the
+Markdown / JSON / plots, and `command` is the ``jaxunlearn audit`` command.
 """
 
-from jaxunlearn.audit import classify, measures, probe, quantize, relearn, remind, sequential, trace
+from jaxunlearn.audit import (
+    classify,
+    measures,
+    probe,
+    quantize,
+    relearn,
+    remind,
+    report,
+    sequential,
+    suite,
+    trace,
+)
 from jaxunlearn.audit.classify import HeldOut, grouped_cv
 from jaxunlearn.audit.measures import ForgetMeasures, ScoringOptions, forget_measures, recovery
 from jaxunlearn.audit.probe import ProbeResult, representation_probe
@@ -20,9 +33,15 @@ from jaxunlearn.audit.quantize import changed_code_fraction, quantize_model, rtn
 from jaxunlearn.audit.relearn import RelearnCurve, relearn_curve, relearn_split
 from jaxunlearn.audit.remind import RemindResult, remind_auc
 from jaxunlearn.audit.sequential import SequentialResult, sequential_unlearning
+from jaxunlearn.audit.suite import AuditConfig, robustness_summary, run_audit
 from jaxunlearn.audit.trace import TraceResult, trace_detection
 
 __all__ = [
+    "AuditConfig",
+    "report",
+    "robustness_summary",
+    "run_audit",
+    "suite",
     "ForgetMeasures",
     "HeldOut",
     "ProbeResult",
