@@ -53,3 +53,4 @@ def test_robustness_summary_reads_the_last_step_and_fewest_bits(monkeypatch):
     out = suite.robustness_summary("t", "u", None, None, [], [], trace_prompts=[])
     assert seen["models"] == ["target", "unlearned"]
     assert seen["config"].relearn_steps == (0, 50) and seen["config"].bits == (4,)
+    assert "remind" not in seen["config"].checks

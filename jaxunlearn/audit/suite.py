@@ -307,6 +307,13 @@ def run_audit(
     return results
 
 
+# What the leaderboard shows: FQ after 50 relearning steps and after 4-bit RTN, the best
+# probe layer and trace detection (REMIND is left to the full audit).
+SUMMARY_CONFIG = AuditConfig(
+    checks=("quantization", "relearning", "probe", "trace"), relearn_steps=(0, 50), bits=(4,)
+)
+
+
 def robustness_summary(
     target: nnx.Module,
     unlearned: nnx.Module,
@@ -317,7 +324,7 @@ def robustness_summary(
     *,
     trace_prompts: Sequence[str],
     options: ScoringOptions = DEFAULT_OPTIONS,
-    config: AuditConfig = AuditConfig(relearn_steps=(0, 50), bits=(4,)),  # noqa: B008
+    config: AuditConfig = SUMMARY_CONFIG,
 ) -> dict[str, float | None]:
     """The leaderboard's robustness columns for one unlearned model.
 
@@ -355,4 +362,11 @@ def robustness_summary(
     return out
 
 
-__all__ = ["CHECKS", "MODEL_ROLES", "AuditConfig", "robustness_summary", "run_audit"]
+__all__ = [
+    "CHECKS",
+    "MODEL_ROLES",
+    "SUMMARY_CONFIG",
+    "AuditConfig",
+    "robustness_summary",
+    "run_audit",
+]
