@@ -114,6 +114,22 @@ def test_full_audit_writes_report(ws, capsys):
     assert rl["steps"] == [0, 1] and len(rl["models"]["oracle"]["losses"]) == 1
     assert set(logs["relearn1/prob"]["value_by_index"]) == {str(i) for i in rl["measured_items"]}
     assert {"remind/loss0", "quant4/truth_ratio", "probe/layer1_p_forget"} <= set(logs)
+    from scipy.stats import ks_2samp
+
+    models = rl["models"]
+    for i in range(2):
+        tr_u = models["unlearned"]["per_item"]["truth_ratio"][i]
+        tr_o = models["oracle"]["per_item"]["truth_ratio"][i]
+        want = ks_2samp(tr_u, tr_o).pvalue
+        assert models["unlearned"]["aggregate"]["forget_quality_vs_attacked_oracle"][
+            i
+        ] == pytest.approx(want)
+    assert models["oracle"]["aggregate"]["forget_quality_vs_attacked_oracle"] == [1.0, 1.0]
+    q = res["quantization"]["4"]
+    want = ks_2samp(
+        q["unlearned"]["per_item"]["truth_ratio"], q["oracle"]["per_item"]["truth_ratio"]
+    ).pvalue
+    assert q["unlearned"]["aggregate"]["forget_quality_vs_attacked_oracle"] == pytest.approx(want)
     assert set(res["trace"]) == {"target_vs_unlearned", "target_vs_oracle", "n_prompts"}
 
 

@@ -23,7 +23,11 @@ def test_robustness_summary_reads_the_last_step_and_fewest_bits(monkeypatch):
     def fake_run_audit(models, tokenizer, forget, holdout, **kw):
         seen.update(models=sorted(models), config=kw["config"])
         unlearned = {
-            "aggregate": {"prob": [0.1, 0.2, 0.3], "forget_quality": [0.5, 0.2, 0.05]},
+            "aggregate": {
+                "prob": [0.1, 0.2, 0.3],
+                "forget_quality": [0.5, 0.2, 0.05],
+                suite.ATTACKED_FQ: [0.5, 0.3, 0.2],
+            },
             "recovery": {"prob": [0.0, 0.4, 0.7]},
         }
         return {
@@ -33,7 +37,10 @@ def test_robustness_summary_reads_the_last_step_and_fewest_bits(monkeypatch):
                     "unlearned": {"aggregate": {"forget_quality": 0.4}, "recovery": {"prob": 0.01}}
                 },
                 "4": {
-                    "unlearned": {"aggregate": {"forget_quality": 0.1}, "recovery": {"prob": 0.6}}
+                    "unlearned": {
+                        "aggregate": {"forget_quality": 0.1, suite.ATTACKED_FQ: 0.15},
+                        "recovery": {"prob": 0.6},
+                    }
                 },
             },
             "probe": {"unlearned": {"best_accuracy": 0.8}, "oracle": {"best_accuracy": 0.55}},
@@ -46,7 +53,8 @@ def test_robustness_summary_reads_the_last_step_and_fewest_bits(monkeypatch):
     out = suite.robustness_summary("t", "u", "o", None, [], [], trace_prompts=[], config=config)
     assert seen["models"] == ["oracle", "target", "unlearned"] and seen["config"] is config
     assert out == {
-        "fq_relearn50": 0.05, "recovery_relearn50": 0.7, "fq_quant4": 0.1, "recovery_quant4": 0.6,
+        "fq_relearn50": 0.2, "fq_relearn50_static_oracle": 0.05, "recovery_relearn50": 0.7,
+        "fq_quant4": 0.15, "fq_quant4_static_oracle": 0.1, "recovery_quant4": 0.6,
         "probe_best_accuracy": 0.8, "probe_best_accuracy_oracle": 0.55, "trace_accuracy": 0.9,
         "audit_seconds": 3.5,
     }  # fmt: skip

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jaxunlearn.audit.suite import ATTACKED_FQ
 from jaxunlearn.eval import report as eval_report
 
 MARGIN = 0.1
@@ -158,32 +159,52 @@ def _sections(res: Mapping[str, Any]) -> list[str]:
         for bits, q in res["quantization"].items():
             for r in roles:
                 a = q[r]["aggregate"]
-                rows.append(
-                    [
-                        f"{bits}-bit",
-                        r,
-                        a["prob"],
-                        a.get("forget_quality"),
-                        q[r]["recovery"].get("prob"),
-                    ]
-                )
-        out.append("## Quantization (round-to-nearest)\n\n" + _table(
-            ["bits", "model", "prob", "forget_quality", "recovery(prob)"], rows
-        ) + "\nFraction of kernel weights whose quantized code differs, target vs unlearned: "
-            + ", ".join(f"{b}-bit {_fmt(q['changed_code_fraction'])}" for b, q in res["quantization"].items())
-            + "\n")  # fmt: skip
+                rows.append([f"{bits}-bit", r, a["prob"], a.get("forget_quality"),
+                             a.get(ATTACKED_FQ), q[r]["recovery"].get("prob")])  # fmt: skip
+        changed = ", ".join(
+            f"{b}-bit {_fmt(q['changed_code_fraction'])}" for b, q in res["quantization"].items()
+        )
+        out.append(
+            "## Quantization (round-to-nearest)\n\n"
+            + _table(
+                [
+                    "bits",
+                    "model",
+                    "prob",
+                    "forget_quality",
+                    "FQ vs quantized oracle",
+                    "recovery(prob)",
+                ],
+                rows,
+            )  # fmt: skip
+            + "\nFraction of kernel weights whose quantized code differs, target vs unlearned: "
+            + changed
+            + "\n"
+        )
     if "relearning" in res:
         rl = res["relearning"]
-        rows = [
-            [s, r, rl["models"][r]["aggregate"]["prob"][i],
-             (rl["models"][r]["aggregate"].get("forget_quality") or [None] * len(rl["steps"]))[i],
-             rl["models"][r]["recovery"]["prob"][i]]
-            for i, s in enumerate(rl["steps"]) for r in roles
-        ]  # fmt: skip
+        none = [None] * len(rl["steps"])
+        rows = []
+        for i, step in enumerate(rl["steps"]):
+            for r in roles:
+                a = rl["models"][r]["aggregate"]
+                rows.append([step, r, a["prob"][i], (a.get("forget_quality") or none)[i],
+                             (a.get(ATTACKED_FQ) or none)[i],
+                             rl["models"][r]["recovery"]["prob"][i]])  # fmt: skip
         out.append(
             f"## Relearning ({len(rl['relearn_items'])} items relearned, "
             f"{len(rl['measured_items'])} measured)\n\n"
-            + _table(["steps", "model", "prob", "forget_quality", "recovery(prob)"], rows)
+            + _table(
+                [
+                    "steps",
+                    "model",
+                    "prob",
+                    "forget_quality",
+                    "FQ vs relearned oracle",
+                    "recovery(prob)",
+                ],
+                rows,
+            )  # fmt: skip
         )
     if "remind" in res:
         names = list(res["remind"]["target"]["auc"])

@@ -15,7 +15,10 @@ numbers a leaderboard row shows. Checks (`CHECKS`):
   forget-irrelevant prompts (`trace`).
 
 Recovery is always (M_model - M_unlearned) / (M_target - M_unlearned) with the
-unlearned and target values measured on the same items before any attack.
+unlearned and target values measured on the same items before any attack. Forget quality
+after an attack is given twice: against the oracle as it is (``forget_quality``), and against
+the oracle attacked in the same way (``forget_quality_vs_attacked_oracle``; relearning moves
+even a model that never saw the items, so this is the like-for-like comparison).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from jaxunlearn.audit.measures import (
 from jaxunlearn.eval import metrics as M
 
 CHECKS: tuple[str, ...] = ("quantization", "relearning", "remind", "probe", "trace")
+# Forget quality against the oracle attacked the same way (quantized / relearned alike).
+ATTACKED_FQ = "forget_quality_vs_attacked_oracle"
 MODEL_ROLES: tuple[str, ...] = ("target", "unlearned", "oracle")
 
 
@@ -77,6 +82,22 @@ class AuditConfig(NamedTuple):
     rouge: bool = False
     max_length: int = 512
     seed: int = 0
+
+
+def _attacked_fq(truth_ratios: Mapping[str, Any]) -> dict[str, float]:
+    """Forget quality of each model's truth ratios against the oracle's under the same attack.
+
+    Relearning or quantizing the oracle moves its truth ratios too; evaluation.md's TOFU
+    relearning protocol compares against the oracle attacked with the same budget.
+    """
+    oracle = truth_ratios.get("oracle")
+    if oracle is None:
+        return {}
+    return {
+        role: M.forget_quality(np.asarray(tr), np.asarray(oracle))
+        for role, tr in truth_ratios.items()
+        if tr is not None
+    }
 
 
 def _json_measures(m) -> dict[str, Any]:
@@ -129,6 +150,9 @@ def _quantization(models, measure, base, config) -> dict[str, Any]:
             entry[role]["recovery"] = recovery(
                 m.aggregate, base["unlearned"].aggregate, base["target"].aggregate
             )
+        trs = {role: entry[role]["per_item"].get("truth_ratio") for role in models}
+        for role, fq in _attacked_fq(trs).items():
+            entry[role]["aggregate"][ATTACKED_FQ] = fq
         entry["changed_code_fraction"] = quantize.changed_code_fraction(
             models["target"], models["unlearned"], bits, group_size=config.group_size
         )
@@ -170,6 +194,10 @@ def _relearning(models, tokenizer, measure, options, config) -> dict[str, Any]:
             },
             "losses": list(curve.losses),
         }
+    for i in range(len(out["steps"])):
+        trs = {r: c.measures[i].per_item.get("truth_ratio") for r, c in curves.items()}
+        for role, fq in _attacked_fq(trs).items():
+            out["models"][role]["aggregate"].setdefault(ATTACKED_FQ, []).append(fq)
     return out
 
 
@@ -330,8 +358,10 @@ def robustness_summary(
 
     Returns:
       {"fq_relearn50": forget quality of the held-out forget items after 50 relearning
-      steps (None without an oracle or perturbed answers), "recovery_relearn50": prob
-      recovery after them, "fq_quant4": forget quality after 4-bit RTN, "recovery_quant4",
+      steps, against the oracle relearned alike (None without an oracle or perturbed
+      answers), "fq_relearn50_static_oracle": the same against the oracle as it is,
+      "recovery_relearn50": prob recovery after them, "fq_quant4" /
+      "fq_quant4_static_oracle": forget quality after 4-bit RTN, "recovery_quant4",
       "probe_best_accuracy": the unlearned model's best-layer probe accuracy,
       "probe_best_accuracy_oracle", "trace_accuracy": target-vs-unlearned detection
       accuracy, "audit_seconds"}. The last relearning step count and the smallest bit width
@@ -347,11 +377,13 @@ def robustness_summary(
     out: dict[str, float | None] = {}
     if "relearning" in res:
         u = res["relearning"]["models"]["unlearned"]
-        out["fq_relearn50"] = (u["aggregate"].get("forget_quality") or [None])[-1]
+        out["fq_relearn50"] = (u["aggregate"].get(ATTACKED_FQ) or [None])[-1]
+        out["fq_relearn50_static_oracle"] = (u["aggregate"].get("forget_quality") or [None])[-1]
         out["recovery_relearn50"] = u["recovery"]["prob"][-1]
     if "quantization" in res:
         q = res["quantization"][str(min(config.bits))]["unlearned"]
-        out["fq_quant4"] = q["aggregate"].get("forget_quality")
+        out["fq_quant4"] = q["aggregate"].get(ATTACKED_FQ)
+        out["fq_quant4_static_oracle"] = q["aggregate"].get("forget_quality")
         out["recovery_quant4"] = q["recovery"].get("prob")
     if "probe" in res:
         out["probe_best_accuracy"] = res["probe"]["unlearned"]["best_accuracy"]
@@ -363,6 +395,7 @@ def robustness_summary(
 
 
 __all__ = [
+    "ATTACKED_FQ",
     "CHECKS",
     "MODEL_ROLES",
     "SUMMARY_CONFIG",
