@@ -87,8 +87,9 @@ class AuditConfig(NamedTuple):
 def _attacked_fq(truth_ratios: Mapping[str, Any]) -> dict[str, float]:
     """Forget quality of each model's truth ratios against the oracle's under the same attack.
 
-    Relearning or quantizing the oracle moves its truth ratios too; evaluation.md's TOFU
-    relearning protocol compares against the oracle attacked with the same budget.
+    Relearning or quantizing the oracle moves its truth ratios too (a model that never saw
+    the items changes under relearning as well), so the like-for-like reference for an
+    attacked model is the retain model attacked with the same budget.
     """
     oracle = truth_ratios.get("oracle")
     if oracle is None:
