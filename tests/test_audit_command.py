@@ -65,7 +65,7 @@ def argv(ws, out, *extra, holdout=None, model=None, oracle=True, forget="forget"
 
 def _check_common(ws, res, out, printed, checks, oracle=True):
     assert set(res["verdicts"]) == {"forgetting", *checks}
-    assert all(line.split()[0] in ("PASS", "FAIL", "-") for line in res["verdicts"].values())
+    assert all(line.split()[0] in ("PASS", "FAIL", "N/A") for line in res["verdicts"].values())
     assert all(line in printed for line in res["verdicts"].values())
     assert set(res["seconds"]) == {"baseline", *checks}
     assert "## Verdicts" in (out / "AUDIT.md").read_text()
@@ -220,4 +220,6 @@ def test_verdict_rules():
     assert v["forgetting"].startswith("FAIL") and v["quantization"].startswith("PASS")
     assert v["probe"].startswith("PASS") and v["relearning"].startswith("PASS")
     v = report.verdicts(_results(prob_u=0.79))  # a 1% change: recovery is noise
-    assert v["quantization"].startswith("- quantization") and "not meaningful" in v["quantization"]
+    assert (
+        v["quantization"].startswith("N/A quantization") and "not meaningful" in v["quantization"]
+    )

@@ -77,7 +77,7 @@ def _recovery_verdict(
 ) -> str:
     if r_u is None or math.isnan(r_u) or not change >= MIN_CHANGE:
         return (
-            f"- {name}: unlearning changed the forget-answer probability by "
+            f"N/A {name}: unlearning changed the forget-answer probability by "
             f"{_fmt(100 * change, 2)}% (< {100 * MIN_CHANGE:g}%), so recovery is not meaningful"
         )
     limit = 0.25 if r_o is None or math.isnan(r_o) else r_o + MARGIN
@@ -98,7 +98,7 @@ def _distance_verdict(name: str, value: float, oracle: float | None, what: str) 
 
 
 def verdicts(res: Mapping[str, Any]) -> dict[str, str]:
-    """One line per check, starting PASS / FAIL (rules in the module docstring)."""
+    """One line per check, starting PASS, FAIL or N/A (rules in the module docstring)."""
     out = {"forgetting": _forgetting_verdict(res)}
     if "quantization" in res:
         bits = min(res["quantization"], key=int)
