@@ -63,23 +63,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checks", default=",".join(CHECKS), help=f"subset of {','.join(CHECKS)}")
     p.add_argument("--trace-prompts", help="forget-irrelevant questions (default: TOFU "
                    "real-author and world-fact questions)")  # fmt: skip
-    p.add_argument("--bits", default="8,4", type=lambda s: _ints(s, "--bits"))
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--relearn-fraction", type=float, default=0.1)
     p.add_argument(
-        "--relearn-steps", default="0,10,25,50,100", type=lambda s: _ints(s, "--relearn-steps")
+        "--bits", default="8,4", type=lambda s: _ints(s, "--bits"), help="RTN bit widths"
     )
-    p.add_argument("--relearn-lr", type=float, default=1e-5)
-    p.add_argument("--relearn-batch-size", type=int, default=4)
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--group-size", type=int, default=128, help="RTN input rows per scale")
+    p.add_argument("--relearn-fraction", type=float, default=0.1, help="forget items relearned")
+    p.add_argument(
+        "--relearn-steps",
+        default="0,10,25,50,100",
+        type=lambda s: _ints(s, "--relearn-steps"),
+        help="relearning steps after which the held-out forget items are measured",
+    )
+    p.add_argument("--relearn-lr", type=float, default=1e-5, help="relearning AdamW lr")
+    p.add_argument("--relearn-batch-size", type=int, default=4, help="relearn items per step")
+    p.add_argument(
+        "--folds", type=int, default=5, help="cross-validation folds (probe, REMIND, trace)"
+    )
     p.add_argument(
         "--layers", type=lambda s: _ints(s, "--layers"), help="probe layers (default all)"
     )
     p.add_argument("--rouge", action="store_true", help="also ROUGE-L of greedy answers")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="ROUGE generation budget")
+    p.add_argument("--max-length", type=int, default=512, help="most tokens per item")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="relearn split, neighbours and folds")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--shard", action="store_true", help="shard over all devices")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
