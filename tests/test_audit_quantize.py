@@ -154,3 +154,25 @@ def test_recovery_formula():
     )
     assert got["a"] == pytest.approx((0.7 - 0.2) / (0.8 - 0.2))
     assert np.isnan(got["b"]) and "c" not in got
+
+
+def test_forget_measures_rouge_matches_torch_greedy(tiny):
+    from rouge_score import rouge_scorer
+
+    from jaxunlearn.data import encode_prompt
+
+    tok, hf_target, _, target, _ = tiny
+    items = FORGET[:3]
+    opts = measures.ScoringOptions("raw", max_new_tokens=6)
+    got = measures.forget_measures(target, tok, items, opts, rouge=True)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for i, r in enumerate(items):
+        ids = torch.tensor(np.asarray([encode_prompt(tok, r["question"], "raw")], np.int64))
+        out = hf_target.generate(
+            ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[0, ids.shape[1] :]  # fmt: skip
+        text = tok.decode(out.tolist(), skip_special_tokens=True).strip()
+        want = scorer.score(target=r["answer"], prediction=text)["rougeL"].recall
+        assert got.per_item["rouge"][i] == pytest.approx(want)
+    assert got.aggregate["rouge"] == pytest.approx(got.per_item["rouge"].mean())
