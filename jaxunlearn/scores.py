@@ -209,8 +209,11 @@ def _merge_moments(carry: dict, m: _Merge, z: jax.Array) -> dict:
     cancellation of E[z^2] - E[z]^2 when logits are large and the distribution peaked.
     """
     w, w_sum = lax.stop_gradient(m.weights), lax.stop_gradient(m.weight_sum)
+    # Entries of zero weight (a -inf logit, or one far below the max) contribute nothing; they
+    # are zeroed before the products, where 0 * -inf or 0 * an overflowed square is NaN.
+    z = jnp.where(w > 0, z, 0.0)
     chunk_mean = (w * z).sum(-1) / w_sum
-    chunk_m2 = (w * (z - chunk_mean[..., None]) ** 2).sum(-1)
+    chunk_m2 = (w * jnp.where(w > 0, z - chunk_mean[..., None], 0.0) ** 2).sum(-1)
     old = lax.stop_gradient(carry["sum"]) * m.old_scale
     new = w_sum * m.new_scale
     # One of old/new is >= 1 (the running max sits in one of them), so total > 0.
@@ -218,7 +221,11 @@ def _merge_moments(carry: dict, m: _Merge, z: jax.Array) -> dict:
     delta = chunk_mean - carry["mean"]
     return {
         "mean": carry["mean"] + delta * new / total,
-        "m2": carry["m2"] * m.old_scale + chunk_m2 * m.new_scale + delta**2 * old * new / total,
+        # delta * (delta * weight): with nothing merged yet (old = 0) a huge first mean gives
+        # 0, where delta**2 alone would overflow to inf and inf * 0 = NaN
+        "m2": carry["m2"] * m.old_scale
+        + chunk_m2 * m.new_scale
+        + delta * (delta * (old * new / total)),
     }
 
 
@@ -283,7 +290,8 @@ def kl_divergence(
         t = _merge(carry["t_max"], carry["t_sum"], jnp.where(fresh, z_theta, -jnp.inf))
         # sum_v p_ref(v) (z_ref - z_theta)(v), kept as one sum so that near-equal models
         # do not lose the difference to cancellation between two large expectations.
-        diff = (r.weights * jnp.where(fresh, z_ref - z_theta, 0.0)).sum(-1)
+        # (where p_ref = 0, e.g. a -inf reference logit, the term is 0, not 0 * -inf)
+        diff = (r.weights * jnp.where(fresh & (r.weights > 0), z_ref - z_theta, 0.0)).sum(-1)
         return {"r_max": r.max, "r_sum": r.sum, "t_max": t.max, "t_sum": t.sum,
                 "diff": carry["diff"] * r.old_scale + diff * r.new_scale}  # fmt: skip
 

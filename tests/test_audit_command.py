@@ -14,8 +14,9 @@ from _audit_tiny import (
     torch_answer_loss,
 )
 
-from jaxunlearn.audit import command
-from jaxunlearn.eval.runner import tokenize_items
+from jaxunlearn import cli
+from jaxunlearn.cli import audit as command
+from jaxunlearn.eval.inference import tokenize_items
 
 
 def write_jsonl(path, rows):
@@ -84,7 +85,7 @@ def test_audit_writes_report(ws, capsys):
     """One quick check end to end, without an oracle or perturbed answers (all: slow test)."""
     out = ws["root"] / "report"
     args = argv(ws, out, oracle=False, forget="forget_plain")
-    assert command.main([*args, "--checks", "trace", "--batch-size", "16"]) == 0
+    assert cli.main(["audit", *args, "--checks", "trace", "--batch-size", "16"]) == 0
     res = json.loads((out / "AUDIT.json").read_text())  # strict JSON: NaN would not parse
     logs = _check_common(ws, res, out, capsys.readouterr().out, ("trace",), oracle=False)
     assert set(res["trace"]) == {"target_vs_unlearned", "n_prompts"}
@@ -97,7 +98,7 @@ def test_audit_writes_report(ws, capsys):
 @pytest.mark.slow
 def test_full_audit_writes_report(ws, capsys):
     out = ws["root"] / "full"
-    assert command.main(argv(ws, out)) == 0
+    assert cli.main(["audit", *argv(ws, out)]) == 0
     res = json.loads((out / "AUDIT.json").read_text())
     logs = _check_common(ws, res, out, capsys.readouterr().out, command.CHECKS)
     md = (out / "AUDIT.md").read_text()
@@ -144,7 +145,7 @@ def no_model_loading(monkeypatch):
 
 
 def _error(ws, capsys, args):
-    assert command.main(args) == 2
+    assert cli.main(["audit", *args]) == 2
     return capsys.readouterr().err
 
 

@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 
 from jaxunlearn.audit import classify, probe, remind, trace
 from jaxunlearn.data import encode_prompt
-from jaxunlearn.eval.runner import tokenize_items
+from jaxunlearn.eval.inference import tokenize_items
 
 
 def plain_grouped_cv(x, y, groups, folds, seed):

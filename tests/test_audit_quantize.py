@@ -10,7 +10,7 @@ from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score
 
 from jaxunlearn.audit import measures, quantize
-from jaxunlearn.eval.runner import tokenize_items
+from jaxunlearn.eval.inference import tokenize_items
 
 
 def numpy_rtn(w, bits, group):

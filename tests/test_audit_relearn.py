@@ -11,7 +11,7 @@ from _audit_tiny import FORGET, build_tokenizer, hf_model, llama_config, torch_a
 from jaxunlearn import objectives
 from jaxunlearn.audit import measures, relearn
 from jaxunlearn.data import ForgetRetainSampler, tokenize_records
-from jaxunlearn.eval.runner import tokenize_items
+from jaxunlearn.eval.inference import tokenize_items
 from jaxunlearn.train import unlearn
 
 

@@ -15,7 +15,7 @@ measurements are the TOFU / open-unlearning forget metrics that need no second m
 - ``mia_loss_auc``: the LOSS membership-inference AUC of forget vs holdout items (aggregate
   only), when a holdout set is given.
 
-Scoring goes through `eval.runner.score_items` (jit-compiled per length bucket, batches split
+Scoring goes through `eval.inference.score_items` (jit-compiled per length bucket, batches split
 over a mesh's data axes), so every check is as fast and as sharded as the evaluation suite.
 
 References:
@@ -35,7 +35,7 @@ from flax import nnx
 from jaxunlearn.data import PromptFormat
 from jaxunlearn.eval import metrics as M
 from jaxunlearn.eval import mia
-from jaxunlearn.eval.runner import EVAL_BUCKETS, generate_answers, score_items
+from jaxunlearn.eval.inference import EVAL_BUCKETS, generate_answers, score_items
 
 # Metrics where a larger value means more is remembered (the direction recovery is read in).
 FORGET_METRICS: tuple[str, ...] = (
@@ -61,7 +61,7 @@ class ForgetMeasures(NamedTuple):
 
 
 class ScoringOptions(NamedTuple):
-    """How a check scores items (passed on to `eval.runner.score_items`).
+    """How a check scores items (passed on to `eval.inference.score_items`).
 
     Attributes:
       fmt: prompt format of QA items ("raw", "qa", "llama2", "chat" or a `PromptFormat`).

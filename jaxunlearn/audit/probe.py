@@ -10,7 +10,7 @@ the target's value is what there was to remove.
 
 Hidden states come from one jitted forward pass per length bucket
 (``model(..., hidden_layers=layers)``), batches split over a mesh's data axes as in
-`eval.runner`; only the pooled [layers, batch, hidden] vectors leave the device.
+`eval.inference`; only the pooled [layers, batch, hidden] vectors leave the device.
 
 References:
   "Probe-Geometry Alignment: Erasing the Cross-Sequence Memorization Signature Below Chance"
@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxunlearn import parallel
 from jaxunlearn.audit.classify import HeldOut, check_cv_counts, grouped_cv
 from jaxunlearn.audit.measures import DEFAULT_OPTIONS, ScoringOptions
 from jaxunlearn.data import IGNORE_INDEX, pad_to_bucket
-from jaxunlearn.eval import runner
+from jaxunlearn.eval import inference
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layers"))
@@ -67,13 +68,15 @@ def pooled_hidden_states(
     layers = tuple(int(i) for i in layers)
     graphdef, state = nnx.split(model)
     lengths = [len(e["input_ids"]) for e in examples]
-    ways = runner._ways(options.mesh)
+    ways = inference._ways(options.mesh)
     out = None
-    for bucket, rows, indices in runner._groups(lengths, options.buckets, options.batch_size, ways):
+    for bucket, rows, indices in inference._groups(
+        lengths, options.buckets, options.batch_size, ways
+    ):
         batch = pad_to_bucket(
-            [examples[i] for i in runner._fill(indices, rows)], (bucket,), pad_id=pad_id
+            [examples[i] for i in inference._fill(indices, rows)], (bucket,), pad_id=pad_id
         )
-        batch = runner._place(batch, options.mesh)
+        batch = parallel.place_batch(batch, options.mesh)
         pooled = _pooled_hidden(
             state, batch["input_ids"], batch["attention_mask"], batch["labels"],
             graphdef=graphdef, layers=layers,
@@ -163,9 +166,9 @@ def representation_probe(
     check_cv_counts(labels, groups, folds, "representation probe")
     n_layers = model.config.num_hidden_layers
     layers = tuple(range(n_layers)) if layers is None else tuple(int(i) for i in layers)
-    examples = runner.tokenize_items(tokenizer, rows, options.fmt, max_length=max_length)
+    examples = inference.tokenize_items(tokenizer, rows, options.fmt, max_length=max_length)
     hidden = pooled_hidden_states(
-        model, examples, layers, options, pad_id=runner.pad_token_id(tokenizer)
+        model, examples, layers, options, pad_id=inference.pad_token_id(tokenizer)
     )
     results: list[HeldOut] = [
         grouped_cv(h, labels, groups, folds=folds, seed=seed, what="representation probe")

@@ -30,7 +30,8 @@ from flax import nnx
 
 from jaxunlearn.audit.measures import ForgetMeasures
 from jaxunlearn.data import ForgetRetainSampler, tokenize_records
-from jaxunlearn.eval.runner import pad_token_id
+from jaxunlearn.eval.inference import pad_token_id
+from jaxunlearn.parallel import place_batch
 from jaxunlearn.train import make_step, split_model
 
 DEFAULT_STEPS: tuple[int, ...] = (0, 10, 25, 50, 100)
@@ -154,18 +155,10 @@ def relearn_curve(
             results.append(measure(nnx.merge(graphdef, params, rest), measured))
         if step == steps[-1]:
             break
-        batch = _place(sampler.batch_at(step), mesh)
+        batch = place_batch(sampler.batch_at(step), mesh)
         params, opt_state, _, metrics = step_fn(params, opt_state, batch)
         losses.append(float(metrics["loss"]))
     return RelearnCurve(split, steps, tuple(results), tuple(losses))
-
-
-def _place(batch: Any, mesh: Any) -> Any:
-    if mesh is None:
-        return jax.device_put(batch)
-    from jaxunlearn import parallel
-
-    return parallel.shard_batch(batch, mesh)
 
 
 __all__ = ["DEFAULT_STEPS", "RelearnCurve", "RelearnSplit", "relearn_curve", "relearn_split"]

@@ -16,7 +16,7 @@ means the neighbourhoods reveal nothing.
 
 Here only answer tokens are replaced (the question is the same prompt the model sees), the
 final EOS label is kept, and neighbours are scored with the jitted, mesh-sharded
-`eval.runner.score_examples`. Build the neighbourhoods once (from the target model's
+`eval.inference.score_examples`. Build the neighbourhoods once (from the target model's
 embeddings) and score every model on the same ones, so models are compared on equal inputs.
 
 References:
@@ -39,7 +39,7 @@ from jaxunlearn.audit.classify import check_cv_counts, grouped_cv
 from jaxunlearn.audit.measures import DEFAULT_OPTIONS, ScoringOptions
 from jaxunlearn.data import IGNORE_INDEX
 from jaxunlearn.eval import metrics as M
-from jaxunlearn.eval.runner import pad_token_id, score_examples, tokenize_items
+from jaxunlearn.eval.inference import pad_token_id, score_examples, tokenize_items
 
 DEFAULT_RADII: tuple[float, ...] = (0.1, 0.2, 0.3)
 FEATURES: tuple[str, ...] = ("loss0", "slope", "curvature", "dispersion")

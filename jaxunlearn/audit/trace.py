@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxunlearn import parallel
 from jaxunlearn.audit.classify import check_cv_counts, grouped_cv
 from jaxunlearn.audit.measures import DEFAULT_OPTIONS, ScoringOptions
 from jaxunlearn.data import encode_prompt, pad_to_bucket
-from jaxunlearn.eval import runner
+from jaxunlearn.eval import inference
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "k"))
@@ -66,15 +67,17 @@ def output_features(
     graphdef, state = nnx.split(model)
     lengths = [len(e["input_ids"]) for e in examples]
     out = np.zeros((len(prompts), k + 1), np.float32)
-    groups = runner._groups(
-        lengths, options.buckets, options.batch_size, runner._ways(options.mesh)
+    groups = inference._groups(
+        lengths, options.buckets, options.batch_size, inference._ways(options.mesh)
     )
     for bucket, rows, indices in groups:
         batch = pad_to_bucket(
-            [examples[i] for i in runner._fill(indices, rows)], (bucket,),
-            pad_id=runner.pad_token_id(tokenizer),
+            [examples[i] for i in inference._fill(indices, rows)], (bucket,),
+            pad_id=inference.pad_token_id(tokenizer),
         )  # fmt: skip
-        batch = runner._place({n: batch[n] for n in ("input_ids", "attention_mask")}, options.mesh)
+        batch = parallel.place_batch(
+            {n: batch[n] for n in ("input_ids", "attention_mask")}, options.mesh
+        )
         feats = _next_token_features(
             state, batch["input_ids"], batch["attention_mask"], graphdef=graphdef, k=k
         )

@@ -4,6 +4,7 @@
     jaxunlearn eval --model DIR --benchmark tofu --forget-split forget10 --out out/TOFU_EVAL.json
     jaxunlearn convert SRC DST --to orbax|hf
     jaxunlearn plan --model llama-3.1-8b --method npo --mesh fsdp=8 --batch 4 --seq 512
+    jaxunlearn audit --model DIR --target DIR [--oracle DIR] --forget F --holdout H --out DIR
     jaxunlearn demo [--preset tiny|small|full]
     jaxunlearn sweep --method npo --grid beta=0.05,0.1
 
@@ -29,6 +30,7 @@ SUBCOMMANDS = {
     "eval": "eval",
     "convert": "convert",
     "plan": "plan",
+    "audit": "audit",
     "demo": "demo",
     "sweep": "sweep",
 }

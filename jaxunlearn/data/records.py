@@ -44,6 +44,8 @@ def _iter_json_records(path: Path) -> Iterator[tuple[str, Any]]:
                 f"{path}, line {err.lineno}: unreadable JSON array ({err.msg} at column "
                 f"{err.colno}); fix the file or write one JSON object per line"
             ) from err
+        except (RecursionError, ValueError) as err:  # nesting too deep, a 4300+ digit number
+            raise ValueError(f"{path}: unreadable JSON array ({err}); fix the file") from None
         for index, item in enumerate(items):
             yield f"item {index}", item
         return
@@ -51,12 +53,18 @@ def _iter_json_records(path: Path) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield f"line {number}", json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"{path}, line {number}: unreadable JSON line ({err.msg} at column {err.colno}); "
                 "each line must be one JSON object"
             ) from err
+        except (RecursionError, ValueError) as err:  # nesting too deep, a 4300+ digit number
+            raise ValueError(
+                f"{path}, line {number}: unreadable JSON line ({str(err)[:200]}); each line must "
+                "be one JSON object"
+            ) from None
+        yield f"line {number}", record
 
 
 def _check_record(record: Any, schema: Mapping[str, str], where: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +89,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--shard", action="store_true", help="shard over all devices")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``jaxunlearn audit``."""
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return p
 
 
 def _read_items(path: str, what: str) -> list[dict]:
@@ -287,11 +279,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``jaxunlearn audit``; returns the exit status."""
-    return run(build_parser().parse_args(argv))
-
-
 def register(subparsers: Any) -> None:
     """Adds ``audit`` to a `jaxunlearn` subcommand parser (``args.run(args)`` runs it)."""
     p = subparsers.add_parser(
@@ -300,7 +287,3 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     add_arguments(p)
     p.set_defaults(run=run)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
