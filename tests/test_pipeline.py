@@ -461,3 +461,27 @@ def test_tiny_leaderboard_is_reproduced_exactly_from_scratch(tiny_run, tmp_path)
     for name in ("target", "oracle", *methods):
         assert second.row(name).metrics == first.row(name).metrics, name
         assert second.row(name).hyperparameters == first.row(name).hyperparameters, name
+
+
+def test_tiny_robustness_columns_come_from_the_audit(tiny_run, tmp_path):
+    # `--robustness`: the leaderboard carries the audit's columns (audit.robustness_summary,
+    # tested in tests/test_audit_suite.py) for each unlearned model, without changing the rest.
+    from jaxunlearn.pipeline.tofu import TofuBenchmark
+
+    root, first = tiny_run
+    bench = TofuBenchmark(
+        "tiny", out_dir=tmp_path / "out", progress=False, log=lambda _: None,
+        models=first.models, robustness=True,
+    )  # fmt: skip
+    row = bench.run("gradascent")
+    for column in ("fq_relearn50", "fq_quant4", "probe_best_accuracy", "trace_accuracy"):
+        value = row.metrics[column]
+        assert value is not None and 0.0 <= value <= 1.0, (column, value)
+    assert row.metrics["forget_quality"] == first.row("gradascent").metrics["forget_quality"]
+    paths = bench.write_leaderboard()
+    markdown = paths["markdown"].read_text()
+    assert "| FQ relearn 50 | FQ 4-bit | probe acc | trace acc |" in markdown
+    assert "Robustness (`--robustness`)" in markdown
+    record = json.loads(paths["json"].read_text())
+    saved = next(r for r in record["rows"] if r["method"] == "gradascent")
+    assert saved["metrics"]["fq_quant4"] == row.metrics["fq_quant4"]

@@ -11,7 +11,7 @@ Each check is a function of (model, data) returning per-item values and an aggre
 
 `suite.run_audit` runs them all on the target, the unlearned model and the oracle side by
 side, `suite.robustness_summary` reduces that to leaderboard columns, `report` writes the
-Markdown / JSON / plots, and `command` is the ``jaxunlearn audit`` command.
+Markdown / JSON / plots; the ``jaxunlearn audit`` command is `jaxunlearn.cli.audit`.
 """
 
 from jaxunlearn.audit import (

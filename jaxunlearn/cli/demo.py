@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             methods=methods,
             progress=not args.no_progress,
+            robustness=args.robustness,
         )
     print_leaderboard(result)
     return EXIT_OK
@@ -92,6 +93,12 @@ def register(subparsers: Any) -> None:
         "--methods",
         default=None,
         help=f"comma-separated methods (default: all; TOFU: {','.join(ALL_METHODS)})",
+    )
+    p.add_argument(
+        "--robustness",
+        action="store_true",
+        help="TOFU: audit every method too (forget quality after 50 relearning steps and "
+        "4-bit quantization, probe and trace-detection accuracy); ~2 min per method on small",
     )
     c = p.add_argument_group("classifiers")
     c.add_argument(

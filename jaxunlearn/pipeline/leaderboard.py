@@ -35,6 +35,15 @@ ROW_METRICS: dict[str, str] = {
 }
 
 
+# Robustness columns (`audit.robustness_summary`, with `jaxunlearn demo --robustness`).
+ROBUSTNESS_COLUMNS: dict[str, str] = {
+    "fq_relearn50": "FQ relearn 50",
+    "fq_quant4": "FQ 4-bit",
+    "probe_best_accuracy": "probe acc",
+    "trace_accuracy": "trace acc",
+}
+
+
 @dataclasses.dataclass
 class LeaderboardRow:
     """One evaluated model.
@@ -78,6 +87,7 @@ def row_from_summary(
 ) -> LeaderboardRow:
     """Builds a row from an evaluation summary ({metric: agg_value}, open-unlearning names)."""
     metrics = {column: _number(summary.get(name)) for name, column in ROW_METRICS.items()}
+    metrics |= {c: _number(summary[c]) for c in ROBUSTNESS_COLUMNS if c in summary}
     return LeaderboardRow(method=method, split=split, kind=kind, metrics=metrics, **fields)
 
 
@@ -125,14 +135,16 @@ def leaderboard_markdown(
     lines += [f"- {n}" for n in notes]
     if notes:
         lines.append("")
+    robust = [(c, n) for c, n in ROBUSTNESS_COLUMNS.items() if any(c in r.metrics for r in rows)]
+    columns = _MD_COLUMNS + robust
     for split in dict.fromkeys(r.split for r in rows):
         lines += [f"## {split}", ""]
-        header = ["method", *(name for _, name in _MD_COLUMNS), "time (s)", "hyperparameters"]
+        header = ["method", *(name for _, name in columns), "time (s)", "hyperparameters"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for row in sorted((r for r in rows if r.split == split), key=_order):
             name = f"**{row.label}**" if row.kind != "unlearned" else row.label
-            cells = [format_value(row.metrics.get(c), c) for c, _ in _MD_COLUMNS]
+            cells = [format_value(row.metrics.get(c), c) for c, _ in columns]
             seconds = "-" if row.unlearn_seconds is None else f"{row.unlearn_seconds:.1f}"
             lines.append("| " + " | ".join([name, *cells, seconds, _hparams_text(row)]) + " |")
         lines.append("")
@@ -146,6 +158,17 @@ def leaderboard_markdown(
         "compilation included.",
         "",
     ]
+    if robust:
+        lines += [
+            "Robustness (`--robustness`): FQ relearn 50 / FQ 4-bit: forget quality of the "
+            "unlearned model after 50 fine-tuning steps on 10% of the forget items (measured on "
+            "the rest) and after 4-bit round-to-nearest weight quantization, each against the "
+            "oracle attacked alike. probe acc: best-layer linear-probe accuracy telling forget "
+            "from holdout items on hidden states (0.5 = nothing left). trace acc: accuracy of "
+            "telling the unlearned model from the target on unrelated prompts (0.5 = "
+            "undetectable).",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -200,6 +223,20 @@ _LABEL_OFFSETS = ((5, 4), (5, -10), (-12, 8), (-12, -14))
 _FQ_FLOOR = 1e-300
 
 
+def _mark_fallback(ax: Any, row: LeaderboardRow, mu: float, fq: float, *, first: bool) -> None:
+    """How far an unlearned model falls back under attack: a line down to its forget quality
+    after relearning, a triangle at it after 4-bit quantization."""
+    relearned, quantized = row.metrics.get("fq_relearn50"), row.metrics.get("fq_quant4")
+    if row.kind != "unlearned":
+        return
+    if relearned is not None:
+        ax.plot([mu, mu], [fq, max(relearned, _FQ_FLOOR)], color="tab:orange", lw=1.2,
+                label="after 50 relearning steps" if first else None)  # fmt: skip
+    if quantized is not None:
+        ax.scatter([mu], [max(quantized, _FQ_FLOOR)], marker="v", s=30, color="tab:purple",
+                   label="after 4-bit quantization" if first else None, zorder=3)  # fmt: skip
+
+
 def plot_tradeoff(
     rows: Sequence[LeaderboardRow], path: str | os.PathLike, *, title: str = "TOFU"
 ) -> Path:
@@ -233,11 +270,13 @@ def plot_tradeoff(
             and r.metrics.get("model_utility") is not None
         ]
         lowest = min((max(r.metrics["forget_quality"], _FQ_FLOOR) for r in points), default=1.0)
+        first = next((r for r in points if r.kind == "unlearned"), None)  # carries the legend
         for index, row in enumerate(points):
             fq = max(row.metrics["forget_quality"], _FQ_FLOOR)
             mu = row.metrics["model_utility"]
             label = row.kind if row.kind != "unlearned" else None
             ax.scatter([mu], [fq], label=label, **styles.get(row.kind, styles["unlearned"]))
+            _mark_fallback(ax, row, mu, fq, first=row is first)
             # Alternate label offsets so methods at the same point stay readable.
             offset = _LABEL_OFFSETS[index % len(_LABEL_OFFSETS)]
             ax.annotate(row.label, (mu, fq), textcoords="offset points", xytext=offset, fontsize=8)
