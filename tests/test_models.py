@@ -354,23 +354,14 @@ def test_unsupported_inputs_raise_clear_errors():
         build_model(cfg)(jnp.zeros((1, 2), jnp.int32), hidden_layers=(2,))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_parameter_gradients_match_torch(arch, tiny_hf_model, nnx_twin):
-    """The backward pass (custom JVPs in models/layers.py) equals torch autograd."""
-    torch_model = tiny_hf_model(hf_config(arch))
-    model = nnx_twin(torch_model)
-    ids, mask = padded_batch("right")
-    # score a token only where it and the token before it are real, so padding rows
-    # (computed differently by the two libraries) never reach the loss
-    scored = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
-    labels = np.where(np.concatenate([np.zeros((3, 1), bool), scored], 1), ids, -100)
-
+def _both_gradients(torch_model, model, ids, mask, labels):
+    """Parameter gradients of the mean next-token NLL: torch autograd (by HF name) and ours
+    (flat NNX state), the loss written out plainly on each side."""
     out = torch_model(
         input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)
     )
     out.loss.backward()
     torch_grads = {k: p.grad.numpy() for k, p in torch_model.named_parameters()}
-
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     lab = jnp.asarray(labels)
 
@@ -382,7 +373,21 @@ def test_parameter_gradients_match_torch(arch, tiny_hf_model, nnx_twin):
         nll = -jnp.take_along_axis(logp, jnp.where(valid, tgt, 0)[..., None], -1)[..., 0]
         return jnp.sum(nll * valid) / jnp.sum(valid)
 
-    grads = nnx.to_flat_state(jax.grad(loss_fn)(params))
+    return torch_grads, nnx.to_flat_state(jax.jit(jax.grad(loss_fn))(params))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parameter_gradients_match_torch(arch, tiny_hf_model, nnx_twin):
+    """The backward pass (custom JVPs in models/layers.py) equals torch autograd."""
+    torch_model = tiny_hf_model(hf_config(arch))
+    model = nnx_twin(torch_model)
+    ids, mask = padded_batch("right")
+    # score a token only where it and the token before it are real, so padding rows
+    # (computed differently by the two libraries) never reach the loss
+    scored = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)
+    labels = np.where(np.concatenate([np.zeros((3, 1), bool), scored], 1), ids, -100)
+
+    torch_grads, grads = _both_gradients(torch_model, model, ids, mask, labels)
     mapping = hf_param_map(model.config)
     checked = 0
     for path, g in grads:
@@ -466,23 +471,7 @@ def test_scale_options_keep_parameter_gradients(arch, option, tiny_hf_model, tmp
     ids, mask = padded_batch("right")
     labels = np.where(mask == 1, ids, -100)
     labels[:, 0] = -100
-    out = torch_model(
-        input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)
-    )
-    out.loss.backward()
-    torch_grads = {k: p.grad.numpy() for k, p in torch_model.named_parameters()}
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    lab = jnp.asarray(labels)
-
-    def loss_fn(p):
-        logits = nnx.merge(graphdef, p, rest)(jnp.asarray(ids), jnp.asarray(mask)).logits
-        logp = jax.nn.log_softmax(logits[:, :-1], -1)
-        tgt = lab[:, 1:]
-        valid = tgt != -100
-        nll = -jnp.take_along_axis(logp, jnp.where(valid, tgt, 0)[..., None], -1)[..., 0]
-        return jnp.sum(nll * valid) / jnp.sum(valid)
-
-    grads = nnx.to_flat_state(jax.jit(jax.grad(loss_fn))(params))
+    torch_grads, grads = _both_gradients(torch_model, model, ids, mask, labels)
     mapping = hf_param_map(model.config, scan_layers=model.scan_layers)
     for path, g in grads:
         spec = mapping[".".join(map(str, path))]
