@@ -160,3 +160,26 @@ def test_scores_and_generations_on_an_8_device_mesh_equal_one_device(model_dir):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "OK 8" in run.stdout
+
+
+def test_retain_logs_of_another_split_are_refused_before_the_model_is_loaded(
+    model_dir, tmp_path, capsys
+):
+    retain = tmp_path / "retain_EVAL.json"
+    retain.write_text(
+        json.dumps(
+            {
+                "forget_truth_ratio": {
+                    "value_by_index": {"0": {"score": 1.0}, "1": {"score": 1.0}}
+                },
+                "_jaxunlearn": {"benchmark": "TOFU", "split": "forget01", "prompt_format": "chat"},
+            }
+        )
+    )
+    # --model names no model at all: the retain logs must be refused first.
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--tokenizer", str(model_dir),
+            *TOFU_ARGS, "--retain-logs", str(retain), "--out", str(tmp_path / "x.json")]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "split 'forget01_perturbed'" in err and "evaluating 'forget10_perturbed'" in err
+    assert not (tmp_path / "x.json").exists()

@@ -121,8 +121,22 @@ def _run(args: argparse.Namespace) -> int:
     mesh = parallel.mesh(data=-1) if args.shard else None
     options, _ = model_options(args)
     options["mesh"] = mesh
-    model = checkpoints.load_pretrained(args.model, **options)
     tokenizer = checkpoints.load_tokenizer(args.tokenizer or args.model)
+    template = args.template
+    if template == "auto":
+        from jaxunlearn.data import default_format
+
+        template = default_format(tokenizer)
+    if args.benchmark == "tofu" and args.retain_logs:  # before any weight is loaded
+        metrics = (
+            [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+        )
+        tofu.check_retain_logs(
+            args.retain_logs, forget_split=args.forget_split, fmt=template, data_dir=args.data,
+            limit=args.limit, metrics=metrics, holdout=not args.no_holdout,
+            reference_model=args.reference_model,
+        )  # fmt: skip
+    model = checkpoints.load_pretrained(args.model, **options)
     reference = None
     if args.reference_model:
         reference = checkpoints.load_pretrained(args.reference_model, **options)
@@ -131,14 +145,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.buckets:
         common["buckets"] = parse_buckets(args.buckets)
     if args.benchmark == "tofu":
-        from jaxunlearn.data import default_format
-
         result = tofu.evaluate_tofu(
             model,
             tokenizer,
             forget_split=args.forget_split,
             data_dir=args.data,
-            fmt=default_format(tokenizer) if args.template == "auto" else args.template,
+            fmt=template,
             ou_eos_masking=args.ou_eos_masking,
             retain_logs=args.retain_logs,
             max_new_tokens=args.max_new_tokens or 200,

@@ -412,6 +412,36 @@ def evaluate_tofu(
     return make_result({k: v for k, v in logs.items() if k in needed}, requested, metadata)
 
 
+def check_retain_logs(
+    retain_logs: str | os.PathLike | Mapping[str, Any],
+    *,
+    forget_split: str = "forget10",
+    fmt: str | PromptFormat = "chat",
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    metrics: Sequence[str] | None = None,
+    holdout: bool = True,
+    reference_model: Any = None,
+) -> None:
+    """The checks `evaluate_tofu` makes on retain logs (benchmark, split, prompt format, item
+    count and ids), without a model: a command line can run them before loading any weights.
+
+    Raises:
+      ValueError: the logs belong to another benchmark, split, format or item set.
+    """
+    _, needed = _select(metrics, holdout, reference_model)
+    forget_rows = _rows(tofu_perturbed_split(forget_split), data_dir, limit, rows)
+    expected = {
+        "benchmark": "TOFU",
+        "split": tofu_perturbed_split(forget_split),
+        "prompt_format": prompt_format(fmt).name,
+        "forget items": len(forget_rows),
+    }
+    ids = [str(i) for i in range(len(forget_rows))]
+    _load_oracle(retain_logs, ids, expected, "forget_quality" in needed)
+
+
 def _load_splits(forget_split, needed, data_dir, limit, rows) -> dict[str, list[dict]]:
     """The rows of every split the needed metrics read, keyed forget / retain / ... / holdout."""
     data = {"forget": _rows(tofu_perturbed_split(forget_split), data_dir, limit, rows)}
@@ -636,4 +666,10 @@ def _gradnorm(model, examples: list[dict], buckets: Sequence[int], pad_id: int) 
     return mia.gradnorm_scores(loss_fn, params, padded, p=2)
 
 
-__all__ = ["DEFAULT_TOFU_METRICS", "TOFU_METRICS", "check_chat_template", "evaluate_tofu"]
+__all__ = [
+    "DEFAULT_TOFU_METRICS",
+    "TOFU_METRICS",
+    "check_chat_template",
+    "check_retain_logs",
+    "evaluate_tofu",
+]
