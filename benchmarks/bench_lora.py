@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench_model import _interleaved_times, add_model_args, hf_config  # noqa: E402
+from bench_model import _interleaved_times, add_model_args, apply_quick, hf_config  # noqa: E402
 from flax import nnx
 
 from jaxunlearn import objectives, train
@@ -128,9 +128,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.quick:
-        args.vocab, args.hidden, args.intermediate, args.layers = 256, 64, 128, 2
-        args.heads, args.kv_heads, args.batch, args.seq, args.reps = 4, 2, 2, 32, 2
+    apply_quick(args)
 
     import peft
     import torch

@@ -148,6 +148,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=int, default=default)
 
 
+def apply_quick(args) -> None:
+    """``--quick``: tiny model and batch sizes for a smoke run (one place for every benchmark)."""
+    if args.quick:
+        args.vocab, args.hidden, args.intermediate, args.layers = 256, 64, 128, 2
+        args.heads, args.kv_heads, args.batch, args.seq, args.reps = 4, 2, 2, 32, 2
+
+
 def hf_config(args, **extra):
     """A transformers LlamaConfig of the benchmark shape in `args`; `extra` adds fields."""
     import transformers
@@ -283,9 +290,7 @@ def main(argv=None):
         help="seconds to wait in total for quiet; afterwards time whatever the load",
     )
     args = p.parse_args(argv)
-    if args.quick:
-        args.vocab, args.hidden, args.intermediate, args.layers = 256, 64, 128, 2
-        args.heads, args.kv_heads, args.batch, args.seq, args.reps = 4, 2, 2, 32, 2
+    apply_quick(args)
 
     load_before = os.getloadavg()[0]
     hf_cfg = hf_config(args)

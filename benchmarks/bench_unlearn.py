@@ -49,7 +49,7 @@ import numpy as np
 import optax
 
 # Same model definition as the foundation benchmark, so the two tables compare directly.
-from bench_model import add_model_args, hf_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from bench_model import add_model_args, apply_quick, hf_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from flax import nnx
 
 from jaxunlearn import objectives, train, transforms
@@ -324,9 +324,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    apply_quick(args)
     if args.quick:
-        args.vocab, args.hidden, args.intermediate, args.layers = 256, 64, 128, 2
-        args.heads, args.kv_heads, args.batch, args.seq, args.reps = 4, 2, 2, 32, 2
         args.gu_cycles, args.fisher_items, args.fisher_batch = 1, 16, 4
         args.fisher_seq = args.seq
 
