@@ -4,7 +4,8 @@
   (config.json + safetensors), placed straight onto a mesh when loading.
 - `TrainCheckpointer`: asynchronous, atomic, rotating orbax checkpoints of a training state,
   restorable onto a different mesh; `save_model_orbax` / `load_model_orbax` for models.
-- `save_peft_adapter` / `load_peft_adapter`: LoRA adapters in PEFT's format.
+- `save_peft_adapter` / `load_peft_adapter`: LoRA adapters in PEFT's format;
+  `load_pretrained_with_adapter`: a base model directory with a PEFT adapter on it.
 - `convert.convert`: Hugging Face <-> orbax (the ``jaxunlearn convert`` command). The function is not re-exported here so that `checkpoints.convert` stays the
   module.
 """
@@ -17,7 +18,11 @@ from jaxunlearn.checkpoints.orbax import (
     load_model_orbax,
     save_model_orbax,
 )
-from jaxunlearn.checkpoints.peft import load_peft_adapter, save_peft_adapter
+from jaxunlearn.checkpoints.peft import (
+    load_peft_adapter,
+    load_pretrained_with_adapter,
+    save_peft_adapter,
+)
 
 __all__ = [
     "TrainCheckpointer",
@@ -26,6 +31,7 @@ __all__ = [
     "load_model_orbax",
     "load_peft_adapter",
     "load_pretrained",
+    "load_pretrained_with_adapter",
     "load_tokenizer",
     "save_model_orbax",
     "save_peft_adapter",

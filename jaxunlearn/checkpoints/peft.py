@@ -247,10 +247,51 @@ def load_peft_adapter(
     return wrapped
 
 
+def load_pretrained_with_adapter(
+    path: str | os.PathLike,
+    adapter: str | os.PathLike,
+    *,
+    merge: bool = True,
+    **load_options: Any,
+) -> nnx.Module:
+    """A Hugging Face base model with a PEFT LoRA adapter on it (e.g. for evaluation).
+
+    The adapter's config is read and checked before the base weights are loaded, and its
+    module shapes before any adapter tensor is read (see `load_peft_adapter`), so an
+    adapter for another base model is refused early.
+
+    Args:
+      path: the base model's Hugging Face directory (as for `load_pretrained`).
+      adapter: a PEFT LoRA adapter directory (``adapter_config.json`` +
+        ``adapter_model.safetensors``), e.g. from ``jaxunlearn unlearn --save-adapter``.
+      merge: fold the adapters into the kernels (`merge_lora`): a plain model, as fast as
+        the base; False keeps the `LoRALinear` wrappers.
+      **load_options: passed to `load_pretrained` (dtype, mesh, remat, attention, ...).
+
+    Returns:
+      The model with the adapter applied.
+
+    Raises:
+      FileNotFoundError, ValueError: as `load_pretrained` and `load_peft_adapter`.
+    """
+    from jaxunlearn.checkpoints.hf import load_pretrained
+    from jaxunlearn.models.lora import merge_lora
+
+    read_adapter_config(adapter)  # a bad adapter fails before the base weights load
+    if load_options.get("scan_layers"):
+        raise ValueError(
+            f"adapter {adapter}: PEFT adapters name per-layer modules; load the base without "
+            "scan_layers."
+        )
+    model = load_peft_adapter(load_pretrained(path, **load_options), adapter)
+    return merge_lora(model) if merge else model
+
+
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "load_peft_adapter",
+    "load_pretrained_with_adapter",
     "read_adapter_config",
     "save_peft_adapter",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -114,3 +115,60 @@ def model_options(args: Any) -> tuple[dict[str, Any], Any]:
 
     policy = parallel.precision_policy(args.precision)
     return {**policy.model_kwargs(), **options}, policy
+
+
+def add_lora_arguments(parser: Any) -> None:
+    """LoRA unlearning: train low-rank adapters only, export merged and/or as a PEFT adapter."""
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        metavar="R",
+        help="train only LoRA adapters of rank R on the --lora-targets kernels (base frozen)",
+    )
+    parser.add_argument(
+        "--lora-alpha", type=float, help="LoRA alpha; updates are scaled by alpha/R (default 2R)"
+    )
+    parser.add_argument(
+        "--lora-targets",
+        default="q,k,v,o,gate,up,down",
+        help="comma-separated kernels to adapt: q,k,v,o,gate,up,down or module names "
+        "(default: all seven)",
+    )
+    parser.add_argument(
+        "--save-adapter", metavar="DIR", help="also write the adapter in PEFT's format to DIR"
+    )
+    parser.add_argument(
+        "--merge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the merged model (base + adapters) to --out as a Hugging Face directory "
+        "(default); --no-merge writes only the PEFT adapter (to --save-adapter, else --out)",
+    )
+
+
+def lora_options(args: Any) -> dict[str, Any] | None:
+    """`jaxunlearn.models.lora.apply_lora` keyword arguments of the LoRA flags (None: no LoRA).
+
+    Raises:
+      UsageError: LoRA-only flags without --lora-rank, a rank below 1, empty targets, or
+        adapter export from stacked layers (PEFT names per-layer modules).
+    """
+    if args.lora_rank is None:
+        used = [flag for flag, on in (("--lora-alpha", args.lora_alpha is not None),
+                                      ("--save-adapter", args.save_adapter),
+                                      ("--no-merge", not args.merge)) if on]  # fmt: skip
+        if used:
+            raise UsageError(f"{', '.join(used)} needs --lora-rank R (LoRA unlearning).")
+        return None
+    if args.lora_rank < 1:
+        raise UsageError(f"--lora-rank must be a positive int, got {args.lora_rank}.")
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if not targets:
+        raise UsageError("--lora-targets is empty; pass e.g. q,v or q,k,v,o,gate,up,down.")
+    if getattr(args, "scan_layers", False) and (args.save_adapter or not args.merge):
+        raise UsageError(
+            "--save-adapter/--no-merge with --scan-layers: PEFT adapters name per-layer modules, "
+            "which stacked layers do not have; drop --scan-layers to export an adapter."
+        )
+    alpha = float(2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha)
+    return {"rank": args.lora_rank, "alpha": alpha, "targets": targets}

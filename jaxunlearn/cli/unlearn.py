@@ -2,11 +2,16 @@
 
     jaxunlearn unlearn --model DIR --method npo --forget forget.jsonl --retain retain.jsonl \\
         --steps 100 --out out/npo [--set beta=0.2 ...] [--batch-size 8] [--seed 0] \\
-        [--mesh data=4,fsdp=2] [--checkpoint-dir out/ckpt --checkpoint-every 25]
+        [--mesh data=4,fsdp=2] [--checkpoint-dir out/ckpt --checkpoint-every 25] \\
+        [--lora-rank 8 [--lora-alpha 16] [--lora-targets q,v] [--save-adapter DIR] [--no-merge]]
 
 writes a Hugging Face model directory (loadable by ``transformers``, tokenizer included) and
 ``metrics.jsonl`` (one line per step) to ``--out``. Data files are JSON Lines of
 ``{"question", "answer"}`` (TOFU style) or ``{"text"}`` records.
+
+With ``--lora-rank R`` only LoRA adapters are trained (the base stays frozen); ``--out`` gets
+the merged model, ``--save-adapter DIR`` the adapter in PEFT's format (``peft`` loads it
+onto the transformers base model), and ``--no-merge`` skips the merged model.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from jaxunlearn.cli._common import (
     EXIT_OK,
     PROG,
     UsageError,
+    add_lora_arguments,
     add_model_arguments,
     bad_input,
+    lora_options,
     model_options,
     parse_buckets,
     parse_mesh,
@@ -53,6 +60,22 @@ def _check_paths(args: argparse.Namespace, out: Path) -> None:
         )
 
 
+def _check_adapter_dir(adapter: Path, out: Path, overwrite: bool) -> None:
+    """--save-adapter must be a new, empty or adapter directory (checked before training)."""
+    if adapter.resolve() == out.resolve():
+        raise UsageError("--save-adapter is --out; drop --save-adapter and pass --no-merge.")
+    if adapter.exists() and not adapter.is_dir():
+        raise UsageError(f"--save-adapter {adapter} is a file; give a directory.")
+    from jaxunlearn.checkpoints.peft import ADAPTER_CONFIG
+
+    if adapter.is_dir() and any(adapter.iterdir()) and not overwrite:
+        if not (adapter / ADAPTER_CONFIG).is_file():
+            raise UsageError(
+                f"--save-adapter {adapter} is not empty and holds no PEFT adapter; choose a new "
+                "directory or pass --overwrite."
+            )
+
+
 def _run_config(args: argparse.Namespace, recipe: Any) -> dict:
     """What defines this run, recorded in --out and in every checkpoint."""
     from jaxunlearn._io import file_digest, jsonable, model_dir_fingerprint
@@ -70,6 +93,7 @@ def _run_config(args: argparse.Namespace, recipe: Any) -> dict:
         "precision": args.precision or args.dtype,
         "remat": args.remat,
         "scan_layers": args.scan_layers,
+        "lora": lora_options(args),
     }
     return jsonable(config)
 
@@ -179,8 +203,13 @@ def run(args: argparse.Namespace) -> int:
         recipe = recipes.recipe(args.method, **recipes.parse_overrides(args.method, args.set or []))
     if args.steps < 0 or args.batch_size < 1 or args.micro_batches < 1:
         raise UsageError("--steps must be >= 0 and --batch-size, --micro-batches >= 1.")
+    lora = lora_options(args)
+    if lora is not None and recipe.kind == "one_shot":
+        raise UsageError(f"method {recipe.name!r} edits weights in one shot; drop --lora-rank.")
     out = Path(args.out)
     _check_paths(args, out)
+    if args.save_adapter:
+        _check_adapter_dir(Path(args.save_adapter), out, args.overwrite)
     with bad_input():
         _check_layers(recipe, args.model)
     if args.scan_layers and "layer" in recipe.hyperparameters:
@@ -211,9 +240,10 @@ def _locked_run(args: argparse.Namespace, recipe: Any, out: Path) -> int:
     import jax
 
     from jaxunlearn import train
-    from jaxunlearn.checkpoints import load_pretrained, load_tokenizer, save_pretrained
+    from jaxunlearn.checkpoints import load_pretrained, load_tokenizer
 
     mesh = parse_mesh(args.mesh)
+    lora = lora_options(args)
     source = args.tokenizer or args.model
     with bad_input(f"{'--tokenizer' if args.tokenizer else '--model'} {source}: "):
         tokenizer = load_tokenizer(source)
@@ -229,6 +259,11 @@ def _locked_run(args: argparse.Namespace, recipe: Any, out: Path) -> int:
         model = load_pretrained(args.model, **options)
         ref_model = load_pretrained(args.reference, **options) if args.reference else None
         config = _run_config(args, recipe)
+    if lora is not None:
+        from jaxunlearn.models.lora import apply_lora
+
+        with bad_input("--lora-targets: "):
+            model = apply_lora(model, **lora)  # only the adapters are nnx.Params
     tx = recipe.tx
     if policy is not None and not isinstance(tx, train.StepBuilder):
         tx = policy.optimizer(tx)  # e.g. float32 moments for bfloat16 parameters
@@ -267,11 +302,34 @@ def _locked_run(args: argparse.Namespace, recipe: Any, out: Path) -> int:
             print(f"{PROG} unlearn: error: {_nothing_done(recipe, result)}", file=sys.stderr)
             return EXIT_FAILED
         print(f"warning: --steps 0: the model is written unchanged to {out}.", file=sys.stderr)
-    save_pretrained(result.model, out, tokenizer=tokenizer, overwrite=True)
+    wrote = _write_outputs(args, result.model, out, tokenizer, lora is not None)
     last = result.metrics[-1] if result.metrics else {}
     loss = f", final loss {last['loss']:.4g}" if "loss" in last else ""
-    print(f"wrote the unlearned model to {out} ({result.step} steps{loss}); metrics in {log_path}")
+    print(f"wrote {wrote} ({result.step} steps{loss}); metrics in {log_path}")
     return EXIT_OK
+
+
+def _write_outputs(args: argparse.Namespace, model: Any, out: Path, tokenizer: Any, lora: bool):
+    """Saves the unlearned model: an HF directory in --out (a LoRA model merged first, unless
+    --no-merge) and, for LoRA, the PEFT adapter (--save-adapter, or --out with --no-merge)."""
+    from jaxunlearn.checkpoints import save_pretrained
+
+    if not lora:
+        save_pretrained(model, out, tokenizer=tokenizer, overwrite=True)
+        return f"the unlearned model to {out}"
+    from jaxunlearn.checkpoints.peft import save_peft_adapter
+    from jaxunlearn.models.lora import merge_lora
+
+    wrote = []
+    if args.merge:
+        save_pretrained(merge_lora(model), out, tokenizer=tokenizer, overwrite=True)
+        wrote.append(f"the merged unlearned model to {out}")
+    adapter = args.save_adapter or (None if args.merge else out)
+    if adapter is not None:
+        # Both directories were checked before training (_check_paths, _check_adapter_dir).
+        save_peft_adapter(model, adapter, base_model_name_or_path=args.model, overwrite=True)
+        wrote.append(f"the PEFT LoRA adapter to {adapter}")
+    return " and ".join(wrote)
 
 
 def _say_resume(args: argparse.Namespace) -> None:
@@ -362,6 +420,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-resume", action="store_true", help="do not resume from --checkpoint-dir")
     p.add_argument("--tensorboard", help="also write TensorBoard scalars here")
     add_model_arguments(p)
+    add_lora_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument(
         "--allow-pickle",
