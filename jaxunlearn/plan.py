@@ -13,6 +13,11 @@ when it starts. XLA:CPU schedules and fuses differently from the GPU and TPU com
 (bfloat16 matmuls, for one, are computed in float32 on CPU), so temporary bytes are an
 estimate for accelerators; parameter and optimizer bytes are exact.
 
+With ``lora=R`` the planned step is LoRA unlearning (`jaxunlearn.models.lora.apply_lora`):
+only the adapters are trained (parameters, gradients and optimizer state), the base is a
+frozen argument of the step. A mesh with a ``model`` axis plans tensor parallelism
+(`jaxunlearn.parallel_rules`: heads, MLP hidden and vocabulary split, combined with FSDP).
+
 Example:
   >>> from jaxunlearn import plan
   >>> cfg = plan.builtin_config("llama-3.2-1b")
@@ -171,6 +176,10 @@ class Plan:
       model_flops: 6 * parameters * tokens per device (+ attention), the usual MFU count.
       compile_seconds: lowering + compilation time of the step.
       reference_parts: batch parts whose reference values run inside the step.
+      lora_rank: the LoRA rank when only adapters are trained (then `parameters`,
+        `param_bytes` and `optimizer_bytes` are the adapters'), else None.
+      frozen_bytes: bytes per device of what the step reads but does not train (the frozen
+        base of a LoRA model; 0 otherwise).
     """
 
     model: str
@@ -192,6 +201,8 @@ class Plan:
     model_flops: float
     compile_seconds: float
     reference_parts: tuple[str, ...]
+    lora_rank: int | None = None
+    frozen_bytes: int = 0
 
     def fits(self, accelerator: str) -> bool:
         """Whether the peak fits `USABLE_FRACTION` of the accelerator's memory."""
@@ -205,16 +216,25 @@ class Plan:
 # ----------------------------------------------------------------------------- building
 
 
+def _check_model_axis(sizes: Mapping[str, int], cfg: Any) -> None:
+    """A ``model`` axis must divide the heads, KV heads, MLP hidden size and vocabulary."""
+    from types import SimpleNamespace
+
+    from jaxunlearn.parallel_rules import check_model_axis
+
+    if cfg.model_type == "gpt2" and sizes["model"] > 1:
+        raise ValueError(
+            f"mesh axis 'model' has size {sizes['model']}: tensor parallelism covers the "
+            "Llama family (llama, mistral, qwen2, qwen3), not gpt2; use data and fsdp axes."
+        )
+    check_model_axis(cfg, SimpleNamespace(shape=dict(sizes)))
+
+
 def _check_mesh(sizes: Mapping[str, int], params: Any) -> None:
-    """Rejects tensor parallelism (not yet built) and an FSDP size that shards nothing."""
+    """Rejects an FSDP size that divides (and so shards) too little of the parameters."""
     import jax
     import numpy as np
 
-    if sizes["model"] != 1:
-        raise ValueError(
-            f"mesh axis 'model' has size {sizes['model']}: tensor parallelism is not "
-            "implemented yet; use data and fsdp axes (e.g. fsdp=8)."
-        )
     n = sizes["fsdp"]
     if n == 1:
         return
@@ -266,6 +286,14 @@ def _placed(tree: Any, mesh: Any) -> Any:
     )
 
 
+def _count(tree: Any) -> int:
+    """Number of floating-point elements of a tree of shapes (a frozen base's weights)."""
+    import jax
+    import numpy as np
+
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree) if x.dtype.kind == "f"))
+
+
 def _per_device_bytes(tree: Any) -> int:
     import jax
     import numpy as np
@@ -288,10 +316,12 @@ class _Setup:
     ref_params: Any
     ref_parts: tuple[str, ...]
     parameters: int
+    rest: Any = None
 
 
-def _setup(cfg, recipe, mesh, policy, *, rows, seq, remat, scan_layers, micro_batches):
-    """Abstract params, optimizer state, batch and the step for one plan."""
+def _setup(cfg, recipe, mesh, policy, *, rows, seq, remat, scan_layers, micro_batches, lora=None):
+    """Abstract params, optimizer state, batch and the step for one plan (`lora`: the
+    `apply_lora` keyword arguments, or None for full-parameter training)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -302,9 +332,14 @@ def _setup(cfg, recipe, mesh, policy, *, rows, seq, remat, scan_layers, micro_ba
     from jaxunlearn.models import build_model
 
     def build():
-        return build_model(
+        model = build_model(
             cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers, remat=remat, **policy.model_kwargs()
         )
+        if lora is None:
+            return model
+        from jaxunlearn.models.lora import apply_lora
+
+        return apply_lora(model, **lora)  # adapters are the Params; the base is frozen
 
     graphdef, params, rest = train.split_model(nnx.eval_shape(build))
     parameters = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
@@ -333,7 +368,7 @@ def _setup(cfg, recipe, mesh, policy, *, rows, seq, remat, scan_layers, micro_ba
             objective_state,
         )
     return _Setup(step, params, opt_state, batch, objective_state, ref_params,
-                  tuple(sorted(in_step)), parameters)  # fmt: skip
+                  tuple(sorted(in_step)), parameters, rest)  # fmt: skip
 
 
 def _compile(s: _Setup, mesh: Any) -> tuple[Any, float]:
@@ -375,15 +410,19 @@ def _layer_flops(cfg, recipe, mesh, policy, **kw) -> float:
     return costs[0] + (cfg.num_hidden_layers - 1) * (costs[1] - costs[0])
 
 
-def model_flops(cfg: Any, parameters: int, tokens: int, seq: int) -> float:
-    """Training FLOPs of a step by the usual count: tokens * (6 N + 12 L H Dh T).
+def model_flops(cfg: Any, parameters: int, tokens: int, seq: int, frozen: int = 0) -> float:
+    """Training FLOPs of a step by the usual count: tokens * (6 N + 4 F + 12 L H Dh T).
+
+    N are the trained parameters and F the frozen ones (a LoRA base): a frozen weight costs
+    its forward matmul and the backward one for the activations' gradient, not the third
+    one for its own gradient.
 
     References:
       Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", 2022,
       arXiv:2204.02311, Appendix B.
     """
     attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq
-    return float(tokens * (6 * parameters + attention))
+    return float(tokens * (6 * parameters + 4 * frozen + attention))
 
 
 def plan(
@@ -399,6 +438,9 @@ def plan(
     micro_batches: int = 1,
     exact_flops: bool = True,
     overrides: Mapping[str, Any] | None = None,
+    lora: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | None = None,
 ) -> Plan:
     """Compiles `method`'s unlearning step for `model` from shapes and measures it.
 
@@ -418,13 +460,17 @@ def plan(
       exact_flops: also compile 1- and 2-layer variants to count FLOPs of every layer
         (XLA counts a scanned body once); otherwise `flops` is the compiled count as is.
       overrides: recipe hyperparameter overrides.
+      lora: plan LoRA unlearning with adapters of this rank (base frozen), or None.
+      lora_alpha: LoRA alpha (default 2 * rank); only the scaling, not the bytes, depends on it.
+      lora_targets: kernels to adapt (default all: q, k, v, o, gate, up, down).
 
     Returns:
       The `Plan`.
 
     Raises:
       ValueError: unknown model or method, a method that is not loss-based, a mesh that
-        does not fit the devices or shards too little, bad sizes.
+        does not fit the devices or shards too little, a ``model`` axis that does not
+        divide the heads, KV heads, MLP hidden size or vocabulary, bad sizes.
     """
     import jax
 
@@ -434,7 +480,8 @@ def plan(
         parse_mesh(mesh) if isinstance(mesh, str) else {"data": 1, "fsdp": 1, "model": 1, **mesh}
     )
     cfg = resolve_config(model)
-    for name, value in (("batch", batch), ("seq", seq), ("micro_batches", micro_batches)):
+    checked = [("batch", batch), ("seq", seq), ("micro_batches", micro_batches)]
+    for name, value in checked + ([("lora", lora)] if lora is not None else []):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     if batch % micro_batches:
@@ -446,6 +493,7 @@ def plan(
             "(npo, graddiff, simnpo, ...)."
         )
     policy = parallel.precision_policy(precision)
+    _check_model_axis(sizes, cfg)
     n = math.prod(sizes.values())
     if jax.device_count() < n:
         raise ValueError(
@@ -454,10 +502,16 @@ def plan(
         )
     m = parallel.mesh(**sizes, devices=jax.devices()[:n])
     rows = batch * sizes["data"] * sizes["fsdp"]
+    lora_kw = None
+    if lora is not None:
+        from jaxunlearn.models.lora import TARGETS
+
+        alpha = float(2 * lora if lora_alpha is None else lora_alpha)
+        lora_kw = dict(rank=lora, alpha=alpha, targets=tuple(lora_targets or TARGETS))
     kw = dict(rows=rows, seq=seq, remat=remat, scan_layers=scan_layers,
-              micro_batches=micro_batches)  # fmt: skip
+              micro_batches=micro_batches, lora=lora_kw)  # fmt: skip
     s = _setup(cfg, recipe, m, policy, **kw)
-    _check_mesh(sizes, s.params)
+    _check_mesh(sizes, s.params if lora is None else s.rest)
     compiled, seconds = _compile(s, m)
     mem = compiled.memory_analysis()
     peak = (
@@ -473,8 +527,9 @@ def plan(
         reference_bytes=0 if s.ref_params is None else _per_device_bytes(s.ref_params),
         batch_bytes=_per_device_bytes(s.batch), temp_bytes=int(mem.temp_size_in_bytes),
         peak_bytes=int(peak), flops=flops,
-        model_flops=model_flops(cfg, s.parameters, tokens, seq),
-        compile_seconds=seconds, reference_parts=s.ref_parts,
+        model_flops=model_flops(cfg, s.parameters, tokens, seq, frozen=_count(s.rest) if lora else 0),
+        compile_seconds=seconds, reference_parts=s.ref_parts, lora_rank=lora,
+        frozen_bytes=_per_device_bytes(s.rest) if lora is not None else 0,
     )  # fmt: skip
 
 
@@ -487,7 +542,7 @@ def advice(p: Plan, accelerator: str) -> list[str]:
     if short <= 0:
         return []
     usable = USABLE_FRACTION * ACCELERATORS[accelerator]
-    state = p.param_bytes + p.optimizer_bytes + p.reference_bytes
+    state = p.param_bytes + p.optimizer_bytes + p.reference_bytes + p.frozen_bytes
     fsdp = p.mesh["fsdp"]
     lines = [
         f"does not fit {accelerator}: needs {p.peak_bytes / GIB:.1f} GiB per device, "
@@ -507,7 +562,8 @@ def advice(p: Plan, accelerator: str) -> list[str]:
         lines.append("  --remat full: keep only each layer's input for the backward pass")
     if p.precision == "float32":
         lines.append("  --precision bf16-params: half the parameter bytes, bfloat16 compute")
-    lines.append("  LoRA (a frozen base): optimizer state only for the adapters")
+    if p.lora_rank is None:
+        lines.append("  --lora 16 (a frozen base): optimizer state only for the adapters")
     return lines
 
 
@@ -518,10 +574,15 @@ def format_plan(p: Plan, accelerator: str | None = None) -> str:
     lines = [
         f"{p.model} | {p.method} | mesh {mesh} | batch {p.batch}/device x {p.seq} tokens "
         f"(global {p.batch * p.mesh['data'] * p.mesh['fsdp']}) | precision {p.precision} | "
-        f"remat {p.remat} | {'scanned' if p.scan_layers else 'unrolled'} layers",
-        f"parameters        {p.parameters / 1e9:8.3f} B",
+        f"remat {p.remat} | {'scanned' if p.scan_layers else 'unrolled'} layers"
+        + (f" | LoRA rank {p.lora_rank}, base frozen" if p.lora_rank else ""),
+        f"{'adapter params' if p.lora_rank else 'parameters    '}    {p.parameters / 1e9:8.3f} B",
         "per device:",
-        f"  parameters      {p.param_bytes / GIB:8.2f} GiB",
+    ]
+    if p.frozen_bytes:
+        lines.append(f"  frozen base     {p.frozen_bytes / GIB:8.2f} GiB")
+    lines += [
+        f"  {'adapters  ' if p.lora_rank else 'parameters'}      {p.param_bytes / GIB:8.2f} GiB",
         f"  optimizer state {p.optimizer_bytes / GIB:8.2f} GiB",
     ]
     if p.reference_bytes:
@@ -559,7 +620,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--remat", default="matmuls", help="none | matmuls | full")
     a("--no-scan", action="store_true", help="unstacked layers (compile time grows with depth)")
     a("--micro-batches", type=int, default=1)
-    a("--lora", type=int, default=None, help="LoRA rank (not available yet)")
+    a("--lora", type=int, default=None, metavar="R",
+      help="plan LoRA unlearning: adapters of rank R trained, the base frozen")  # fmt: skip
+    a("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2R)")
     a("--device", default="h100-80gb", help=f"explain the fit on: {', '.join(ACCELERATORS)}")
     a("--fast-flops", action="store_true", help="skip the 1-/2-layer compiles for FLOPs")
     a("--json", action="store_true", help="print the plan as one JSON object")
@@ -567,8 +630,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs a parsed ``plan`` command (in a subprocess with enough simulated devices)."""
-    if args.lora is not None:
-        raise SystemExit("plan: --lora is not available yet (LoRA arrives with Scale II).")
     if args.device not in ACCELERATORS:
         raise SystemExit(
             f"plan: unknown --device {args.device!r}; known: {', '.join(ACCELERATORS)}."
@@ -589,6 +650,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, method=args.method, mesh=args.mesh, batch=args.batch, seq=args.seq,
             precision=args.precision, remat=args.remat, scan_layers=not args.no_scan,
             micro_batches=args.micro_batches, exact_flops=not args.fast_flops,
+            lora=args.lora, lora_alpha=args.lora_alpha,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"plan: {e}", file=sys.stderr)
@@ -607,6 +669,9 @@ def _argv(args: argparse.Namespace) -> list[str]:
            "--batch", str(args.batch), "--seq", str(args.seq), "--precision", args.precision,
            "--remat", args.remat, "--micro-batches", str(args.micro_batches),
            "--device", args.device]  # fmt: skip
+    for flag, value in (("--lora", args.lora), ("--lora-alpha", args.lora_alpha)):
+        if value is not None:
+            out += [flag, str(value)]
     for flag, on in (("--no-scan", args.no_scan), ("--fast-flops", args.fast_flops),
                      ("--json", args.json)):  # fmt: skip
         if on:

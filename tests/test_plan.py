@@ -58,12 +58,16 @@ def test_unknown_model_lists_the_known_ones():
         plan.resolve_config("llama-9000")
 
 
-def test_bad_mesh_entries_and_tensor_parallel_are_named():
+def test_bad_mesh_entries_and_model_axis_sizes_are_named():
     assert plan.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "model": 1}
     with pytest.raises(ValueError, match="'fsdb=8'"):
         plan.parse_mesh("fsdb=8")
-    with pytest.raises(ValueError, match="'model' has size 2"):
-        plan._check_mesh({"data": 1, "fsdp": 1, "model": 2}, {})
+    # Llama-3.2-1B: 32 heads, 8 KV heads, MLP 8192, vocab 128256 (= 2^8 * 501).
+    with pytest.raises(ValueError, match=r"'model' has size 3.*num_attention_heads=32.*"
+                       r"num_key_value_heads=8.*intermediate_size=8192"):  # fmt: skip
+        plan.plan("llama-3.2-1b", mesh="model=3")
+    with pytest.raises(ValueError, match=r"'model' has size 512.*vocab_size=128256"):
+        plan.plan("llama-3.2-1b", mesh="fsdp=1,model=512")  # checked before devices are needed
 
 
 def test_fsdp_size_that_divides_nothing_names_axis_and_shapes():
@@ -130,3 +134,34 @@ def test_command_simulates_the_mesh_devices(tiny_config, capfd):
     assert p["fits"]["t4-16gb"]
     rc = plan.main(["--model", "gpt-5", "--fast-flops"])
     assert rc == 2 and "known" in capfd.readouterr().err
+
+
+def test_lora_plan_trains_adapters_only(tiny_config):
+    """Adapters of rank r on q, k, v, o, gate, up, down: r * (in + out) per kernel."""
+    r = 4
+    p = plan.plan(tiny_config, method="gradascent", batch=1, seq=16, precision="bf16-params",
+                  exact_flops=False, lora=r)  # fmt: skip
+    per_layer = r * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert p.lora_rank == r and p.parameters == 3 * per_layer
+    assert p.param_bytes == 2 * 3 * per_layer  # bfloat16 adapters
+    assert 8 * 3 * per_layer <= p.optimizer_bytes < 8 * 3 * per_layer + 1024  # float32 moments
+    base = 256 * 64 * 2 + 3 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64
+    assert p.frozen_bytes == 2 * base  # the bfloat16 base is an argument, not trained
+    assert "LoRA rank 4, base frozen" in plan.format_plan(p)
+
+
+def test_command_plans_lora_with_tensor_parallelism(tiny_config, capfd):
+    """`--mesh model=2 --lora 4` on 2 simulated devices: column-parallel kernels (q, k, v,
+    gate, up) split lora_b along out, row-parallel ones (o, down) lora_a along in."""
+    rc = plan.main(["--model", tiny_config, "--method", "gradascent", "--mesh", "model=2",
+                    "--batch", "1", "--seq", "16", "--precision", "float32", "--fast-flops",
+                    "--lora", "4", "--json"])  # fmt: skip
+    assert rc == 0
+    p = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    r = 4
+    column = (64 + 64 // 2) + 2 * (64 + 32 // 2) + 2 * (64 + 128 // 2)  # q, k, v, gate, up
+    row = (64 // 2 + 64) + (128 // 2 + 64)  # o, down
+    assert p["mesh"] == {"data": 1, "fsdp": 1, "model": 2} and p["lora_rank"] == r
+    assert p["param_bytes"] == 4 * 3 * r * (column + row)
+    full_base = 4 * (256 * 64 * 2 + 3 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64)
+    assert full_base // 2 < p["frozen_bytes"] < full_base  # split but for the norms

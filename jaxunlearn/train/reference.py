@@ -51,24 +51,24 @@ def reference_parts(
     """
     calls: list[str] = []
 
-    def fn(p, b):
+    def fn(p, r, b):  # rest is an argument too: it may be shapes (a LoRA model's frozen base)
         names = {
             id(part["input_ids"]): name
             for name, part in b.items()
             if isinstance(part, Mapping) and "input_ids" in part
         }
-        forward = model_forward(graphdef, p, rest)
+        forward = model_forward(graphdef, p, r)
 
         def ref_forward(**kwargs):
             calls.append(names.get(id(kwargs.get("input_ids")), "?"))
             return forward(**kwargs)
 
         _, metrics = loss_and_grads(
-            objective, graphdef, rest, p, b, objective_state, ref_forward, split=split
+            objective, graphdef, r, p, b, objective_state, ref_forward, split=split
         )
         return metrics["loss"]
 
-    jax.eval_shape(fn, params, batch)
+    jax.eval_shape(fn, params, rest, batch)
     return set(calls)
 
 
