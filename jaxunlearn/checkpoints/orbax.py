@@ -185,9 +185,44 @@ class TrainCheckpointer:
 # ----------------------------------------------------------------------------- models
 
 
+_STACK = "layers."  # stacked (scan_layers) parameters: "layers.attn.q_proj.kernel" [L, ...]
+
+
+def _is_stacked(name: str) -> bool:
+    return name.startswith(_STACK) and not name[len(_STACK) :].split(".", 1)[0].isdigit()
+
+
+def _unstacked(params: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer names ("layers.3.attn.q_proj.kernel") for stacked-layer parameters."""
+    out = {}
+    for name, value in params.items():
+        if not _is_stacked(name):
+            out[name] = value
+            continue
+        for i in range(value.shape[0]):
+            out[f"{_STACK}{i}.{name[len(_STACK) :]}"] = value[i]
+    return out
+
+
+def _stacked(values: dict[str, Any], names: dict[str, Any], layers: int) -> dict[str, Any]:
+    """Values of per-layer names stacked into the stacked-layer `names` ([L, ...] each)."""
+    out = {}
+    for name in names:
+        if _is_stacked(name):
+            tail = name[len(_STACK) :]
+            out[name] = jnp.stack([values.pop(f"{_STACK}{i}.{tail}") for i in range(layers)])
+        else:
+            out[name] = values.pop(name)
+    return out
+
+
 def write_orbax_files(model: nnx.Module, directory: Path, *, dtype: Any = None) -> None:
-    """Writes config.json and the orbax parameter tree into an existing directory."""
-    params = flat_params(model)  # flat {dotted name: array}: the same names as hf_param_map
+    """Writes config.json and the orbax parameter tree into an existing directory.
+
+    Stacked layers (``scan_layers=True``) are stored per layer, as the Hugging Face files
+    are, so one checkpoint loads with or without `scan_layers`."""
+    # flat {dotted name: array}: the same names as hf_param_map of the unstacked model
+    params = _unstacked(flat_params(model))
     if dtype is not None:
         params = {k: v.astype(dtype) for k, v in params.items()}
     stored = {str(v.dtype) for v in params.values()}
@@ -229,6 +264,9 @@ def load_model_orbax(
     dtype: Any = jnp.float32,
     param_dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
+    scan_layers: bool = False,
+    remat: str = "none",
+    attention: str = "auto",
 ) -> nnx.Module:
     """Loads a model written by `save_model_orbax`.
 
@@ -237,6 +275,10 @@ def load_model_orbax(
       dtype: computation dtype.
       param_dtype: parameter dtype (default: the dtype they were stored in).
       mesh: restore FSDP-sharded onto this mesh; default: the default device.
+      scan_layers: build the model with stacked, scanned layers (the stored per-layer
+        tensors are stacked; see `jaxunlearn.models.LlamaForCausalLM`).
+      remat: per-layer rematerialisation ("none", "matmuls", "full").
+      attention: attention implementation ("auto", "einsum", "dot_product_attention").
 
     Returns:
       The model with restored parameters.
@@ -256,10 +298,20 @@ def load_model_orbax(
         stored = ckptr.metadata(params_dir).item_metadata.tree
         if param_dtype is None:
             param_dtype = next(iter(stored.values())).dtype
-        model = abstract_model(cfg, dtype=dtype, param_dtype=to_dtype(param_dtype))
-        _check_stored(params_dir, model.params, stored)
-        target = abstract_target(model.params, mesh)
-        values = ckptr.restore(params_dir, target)
+        options = dict(dtype=dtype, param_dtype=to_dtype(param_dtype), remat=remat,
+                       attention=attention)  # fmt: skip
+        # Checkpoints store layers one by one; older ones from a scanned model stacked.
+        in_file = abstract_model(cfg, scan_layers=any(map(_is_stacked, stored)), **options)
+        _check_stored(params_dir, in_file.params, stored)
+        values = ckptr.restore(params_dir, abstract_target(in_file.params, mesh))
+    model = abstract_model(cfg, scan_layers=scan_layers, **options)
+    if set(values) != set(model.params):  # the file's layout is not the one asked for
+        if scan_layers:
+            values = _stacked(dict(values), model.params, cfg.num_hidden_layers)
+        else:
+            values = _unstacked(values)
+        if mesh is not None:
+            values = jax.device_put(values, abstract_target(model.params, mesh))
     return model.merge(values)
 
 
