@@ -173,7 +173,8 @@ class Plan:
       temp_bytes: temporaries of the compiled step per device (activations, gradients).
       peak_bytes: arguments + outputs - donated (aliased) + temporaries + code.
       flops: FLOPs per step per device as compiled (recomputation included).
-      model_flops: 6 * parameters * tokens per device (+ attention), the usual MFU count.
+      model_flops: 6 * parameters * tokens per device (+ attention), the usual MFU count;
+        with a model axis, its devices share their rows, so tokens per device divide by it.
       compile_seconds: lowering + compilation time of the step.
       reference_parts: batch parts whose reference values run inside the step.
       lora_rank: the LoRA rank when only adapters are trained (then `parameters`,
@@ -289,9 +290,11 @@ def _placed(tree: Any, mesh: Any) -> Any:
 def _count(tree: Any) -> int:
     """Number of floating-point elements of a tree of shapes (a frozen base's weights)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree) if x.dtype.kind == "f"))
+    leaves = jax.tree.leaves(tree)
+    return int(sum(np.prod(x.shape) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)))
 
 
 def _per_device_bytes(tree: Any) -> int:
@@ -519,7 +522,7 @@ def plan(
         + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
     )  # fmt: skip
     flops = _layer_flops(cfg, recipe, m, policy, **kw) if exact_flops else _flops(compiled)
-    tokens = batch * seq * len(s.batch)
+    tokens = batch * seq * len(s.batch) / sizes["model"]  # a model-axis group shares its rows
     return Plan(
         model=model, method=recipe.name, mesh=dict(sizes), batch=batch, seq=seq,
         precision=policy.name, remat=remat, scan_layers=scan_layers, parameters=s.parameters,
