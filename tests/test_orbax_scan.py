@@ -47,8 +47,7 @@ def test_stacked_model_saves_per_layer_and_loads_either_way(hf_llama, tmp_path):
         back = checkpoints.load_model_orbax(out, scan_layers=scan, remat="full")
         assert back.scan_layers is scan and back.remat == "full"
         np.testing.assert_allclose(_logits(back), torch_logits, atol=ATOL)
-    again = checkpoints.load_model_orbax(out, scan_layers=True)
-    q = again.layers.attn.q_proj.kernel.get_value()
+    q = back.layers.attn.q_proj.kernel.get_value()  # stacked again, bit for bit
     np.testing.assert_array_equal(
         np.asarray(q), np.asarray(stacked.layers.attn.q_proj.kernel.get_value())
     )

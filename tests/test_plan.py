@@ -136,6 +136,7 @@ def test_command_simulates_the_mesh_devices(tiny_config, capfd):
     assert rc == 2 and "known" in capfd.readouterr().err
 
 
+@pytest.mark.slow  # one more compile; the command test below covers LoRA + TP by default
 def test_lora_plan_trains_adapters_only(tiny_config):
     """Adapters of rank r on q, k, v, o, gate, up, down: r * (in + out) per kernel."""
     r = 4
