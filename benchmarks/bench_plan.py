@@ -15,6 +15,7 @@ alternated, best of ``--repeats``).
 fsdp=8, Llama-3.2-1B on one device, compile time of 8B vs 1B) and prints a Markdown table.
 
     python benchmarks/bench_plan.py --validate
+    python benchmarks/bench_plan.py --validate --lora 16 --precisions bf16-params
     python benchmarks/bench_plan.py --table
     python benchmarks/bench_plan.py --compile --repeats 3
 """
@@ -63,8 +64,13 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def measure(config_path: str, precision: str, batch: int, seq: int, remat: str) -> dict:
-    """Plans, then runs, the NPO step on one CPU device; returns both peaks in bytes."""
+def measure(
+    config_path: str, precision: str, batch: int, seq: int, remat: str, lora: int | None = None
+) -> dict:
+    """Plans, then runs, the NPO step on one CPU device; returns both peaks in bytes.
+
+    With `lora`, the step trains LoRA adapters of that rank (alpha 2r, all seven kernels)
+    and the frozen base is an argument of the step, as in `jaxunlearn plan --lora`."""
     import jax
     import numpy as np
     from flax import nnx
@@ -73,14 +79,19 @@ def measure(config_path: str, precision: str, batch: int, seq: int, remat: str) 
     from jaxunlearn.models import ModelConfig, build_model
 
     p = plan.plan(config_path, method="npo", mesh="fsdp=1", batch=batch, seq=seq,
-                  precision=precision, remat=remat, exact_flops=False)  # fmt: skip
+                  precision=precision, remat=remat, exact_flops=False, lora=lora)  # fmt: skip
     cfg = ModelConfig.from_json_file(config_path)
     policy = parallel.precision_policy(precision)
     recipe = recipes.recipe("npo")
 
     def build():
-        return build_model(cfg, rngs=nnx.Rngs(0), scan_layers=True, remat=remat,
-                           **policy.model_kwargs())  # fmt: skip
+        model = build_model(cfg, rngs=nnx.Rngs(0), scan_layers=True, remat=remat,
+                            **policy.model_kwargs())  # fmt: skip
+        if lora is None:
+            return model
+        from jaxunlearn.models.lora import apply_lora
+
+        return apply_lora(model, rank=lora, alpha=2.0 * lora)
 
     graphdef, abstract, rest = train.split_model(nnx.eval_shape(build))
     tx = policy.optimizer(recipe.tx)
@@ -95,19 +106,20 @@ def measure(config_path: str, precision: str, batch: int, seq: int, remat: str) 
             "retain": part()}  # fmt: skip
     opt_abstract = jax.eval_shape(tx.init, abstract)
     jitted = jax.jit(step.update_fn, donate_argnums=(0, 1))
-    compiled = jitted.lower(abstract, opt_abstract, data, None, None).compile()
-    init = jax.jit(lambda: train.split_model(build())[1])
+    compiled = jitted.lower(abstract, opt_abstract, data, None, step.frozen).compile()
+    init = jax.jit(lambda: train.split_model(build())[1:])  # params, rest (a frozen base)
     init_opt = jax.jit(tx.init, donate_argnums=())
     init.lower().compile(), init_opt.lower(abstract).compile()  # compile before the baseline
     base = _rss()
     with PeakRSS() as rss:
-        params = init()
+        params, rest = init()
+        frozen = (None, rest, rest)  # (reference params, rest, reference rest = rest)
         opt_state = init_opt(params)
         for _ in range(2):
-            params, opt_state, _, metrics = compiled(params, opt_state, data, None, None)
+            params, opt_state, _, metrics = compiled(params, opt_state, data, None, frozen)
         jax.block_until_ready(params)
     return {
-        "precision": precision, "batch": batch, "seq": seq, "remat": remat,
+        "precision": precision, "batch": batch, "seq": seq, "remat": remat, "lora": lora,
         "parameters": p.parameters, "planned_peak_bytes": p.peak_bytes,
         "measured_peak_bytes": rss.peak - base,
         "ratio_measured_over_planned": (rss.peak - base) / p.peak_bytes,
@@ -125,6 +137,8 @@ def validate(args) -> None:
         for precision in args.precisions:
             cmd = [sys.executable, __file__, "--measure", path, "--precision", precision,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--remat", args.remat]  # fmt: skip
+            if args.lora:
+                cmd += ["--lora", str(args.lora)]
             env = {**os.environ, "JAX_PLATFORMS": "cpu"}
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             print(out.stdout.strip().splitlines()[-1], flush=True)
@@ -192,9 +206,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--remat", default="matmuls")
+    parser.add_argument("--lora", type=int, help="--validate the LoRA step of this rank")
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.precision, args.batch, args.seq, args.remat)))
+        print(json.dumps(measure(args.measure, args.precision, args.batch, args.seq, args.remat,
+                                 args.lora)))  # fmt: skip
     elif args.validate:
         validate(args)
     elif args.table:
