@@ -4,6 +4,8 @@ print bytes and FLOPs per device, and whether it fits each named accelerator
 
     jaxunlearn plan --model llama-3.1-8b --method npo --mesh fsdp=8 --batch 4 --seq 512 \\
         --precision bf16-params --remat matmuls
+    jaxunlearn plan --model llama-3.2-1b --lora 16 --batch 8 --seq 512 --remat full  # LoRA
+    jaxunlearn plan --model llama-3.1-8b --mesh fsdp=4,model=2 --batch 4 --seq 512  # + TP
 """
 
 from __future__ import annotations
