@@ -6,6 +6,8 @@
 - `TofuBenchmark(preset)`: one forget split ready for your own objective / optax chain:
   `target()`, `sampler()`, `steps()`, `evaluate(model, name)`, `write_leaderboard()`.
 - `sweep(method, grid)`: one method over a hyperparameter grid (`jaxunlearn sweep`).
+- `sequential.run_sequential(preset, methods, k)`: the forget split as k deletion requests
+  unlearned one after another (`jaxunlearn demo --sequential K`).
 - `validated_sweep(methods)`: each method's setting selected on a validation split of
   authors, then reported once on the forget split (`jaxunlearn sweep --select validation`).
 - Building blocks: `train_bpe_tokenizer`, `finetune` / `FinetuneRecipe`, `write_leaderboard`,
