@@ -1,0 +1,121 @@
+"""REMIND's low-FPR and 3-class readings and paraphrase neighbourhoods, against numpy, torch
+and plain sklearn."""
+
+import numpy as np
+import pytest
+from _audit_tiny import FORGET, HOLDOUT, RETAIN, tiny_models, torch_answer_loss
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from test_audit_probes import plain_grouped_cv
+
+from jaxunlearn.audit import remind
+from jaxunlearn.eval.inference import tokenize_items
+
+
+def plain_tpr_at_fpr(pos, neg, fpr):
+    """Every threshold t: flag scores >= t; the best TPR whose FPR stays <= fpr."""
+    best = 0.0
+    for t in np.unique(np.r_[pos, neg]):
+        if np.mean(neg >= t) <= fpr:
+            best = max(best, float(np.mean(pos >= t)))
+    return best
+
+
+def test_tpr_at_fpr_matches_a_threshold_sweep():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        pos = np.round(rng.normal(1.0, 1.0, 60), 1)  # rounding makes ties
+        neg = np.round(rng.normal(0.0, 1.0, 300), 1)
+        y, s = np.r_[np.ones(60), np.zeros(300)], np.r_[pos, neg]
+        for fpr in (0.0, 0.01, 0.1):
+            assert remind.tpr_at_fpr(y, s, fpr) == pytest.approx(plain_tpr_at_fpr(pos, neg, fpr))
+    # A confident minority: 10% of positives far above every negative -> TPR@1% = 0.1.
+    pos = np.r_[np.full(10, 9.0), rng.normal(0, 1, 90)]
+    neg = rng.normal(0, 1, 200)
+    assert remind.tpr_at_fpr(np.r_[np.ones(100), np.zeros(200)], np.r_[pos, neg]) >= 0.1
+    with pytest.raises(ValueError, match="both positive and negative"):
+        remind.tpr_at_fpr(np.ones(4), np.arange(4.0))
+    with pytest.raises(ValueError, match="fpr"):
+        remind.tpr_at_fpr(np.r_[1, 0], np.r_[1.0, 0.0], 1.5)
+
+
+def plain_multiclass_auc(x, y, folds, seed):
+    proba = np.zeros((len(y), 3))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        clf = make_pipeline(
+            StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced")
+        ).fit(x[tr], y[tr])
+        proba[te] = clf.predict_proba(x[te])
+    # Macro one-vs-rest written out: each class against the others, then the mean.
+    return np.mean([roc_auc_score(y == c, proba[:, c]) for c in range(3)])
+
+
+def test_multiclass_cv_auc_matches_plain_one_vs_rest():
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 15)
+    x = rng.normal(size=(45, 4)) + 2.0 * np.eye(4)[y]
+    got = remind.multiclass_cv_auc(x, y, folds=3, seed=2)
+    assert got == pytest.approx(plain_multiclass_auc(x, y, 3, 2), abs=1e-9)
+    assert got > 0.9
+    noise = remind.multiclass_cv_auc(rng.normal(size=(45, 4)), y, folds=3)
+    assert noise < 0.75
+    with pytest.raises(ValueError, match="3 classes"):
+        remind.multiclass_cv_auc(x[:20], np.r_[np.zeros(18), 1, 2], folds=3)
+
+
+def test_remind_three_class_and_low_fpr_from_the_features():
+    tok, _, _, model, _ = tiny_models()
+    forget, holdout, retain = FORGET[:6], HOLDOUT[:6], RETAIN[:6]
+    radii = (0.2, 0.5)
+    res = remind.remind_auc(
+        model, tok, forget, holdout, radii=radii, n_neighbours=2, folds=3, retain=retain
+    )
+    feats = np.r_[res.forget, res.holdout]
+    y = np.r_[np.ones(6), np.zeros(6)]
+    for i, name in enumerate(remind.FEATURES):
+        assert res.auc[name] == pytest.approx(roc_auc_score(y, -feats[:, i]), abs=1e-9)
+        want = plain_tpr_at_fpr(-feats[:6, i], -feats[6:, i], 0.01)
+        assert res.tpr_at_1fpr[name] == pytest.approx(want)
+    proba = plain_grouped_cv(feats, y.astype(int), np.arange(12), 3, 0)
+    assert res.tpr_at_1fpr["classifier"] == pytest.approx(
+        plain_tpr_at_fpr(proba[:6], proba[6:], 0.01)
+    )
+    three = np.r_[res.forget, res.retain, res.holdout]
+    labels = np.repeat([0, 1, 2], 6)
+    assert res.auc3 == pytest.approx(plain_multiclass_auc(three, labels, 3, 0), abs=1e-9)
+    with pytest.raises(ValueError, match="retain items"):
+        remind.remind_auc(model, tok, forget, holdout, folds=3, retain=retain[:2])
+
+
+def test_paraphrase_neighbourhoods_match_torch_losses():
+    tok, hf, _, model, _ = tiny_models()
+    forget, retain = FORGET[:5], RETAIN[:5]
+    res = remind.paraphrase_auc(model, tok, forget, retain, folds=2)
+    items = forget + retain
+    loss0 = [torch_answer_loss(hf, e) for e in tokenize_items(tok, items, "raw", max_length=512)]
+    losses = []
+    for item in items:
+        hood = [
+            {"question": item["question"], "answer": item["paraphrased_answer"]},
+            {"question": item["paraphrased_question"], "answer": item["answer"]},
+            {"question": item["paraphrased_question"], "answer": item["paraphrased_answer"]},
+        ]
+        examples = tokenize_items(tok, hood, "raw", max_length=512)
+        losses.append([torch_answer_loss(hf, e) for e in examples])
+    loss0, losses = np.array(loss0), np.array(losses)
+    mean = losses.mean(1)
+    want = np.stack([loss0, mean, mean - loss0, losses.std(1)], axis=1)
+    np.testing.assert_allclose(np.r_[res.positive, res.negative], want, rtol=2e-4, atol=1e-4)
+    y = np.r_[np.ones(5), np.zeros(5)]
+    for i, name in enumerate(remind.PARAPHRASE_FEATURES):
+        assert res.auc[name] == pytest.approx(roc_auc_score(y, -want[:, i]), abs=1e-9)
+    proba = plain_grouped_cv(want, y.astype(int), np.arange(10), 2, 0)
+    assert res.auc["classifier"] == pytest.approx(roc_auc_score(y, proba), abs=1e-6)
+
+
+def test_paraphrase_rejects_items_without_paraphrases():
+    with pytest.raises(ValueError, match="item 5 has no .*paraphrased_question"):
+        remind.paraphrase_auc(None, None, FORGET[:5], HOLDOUT[:5], folds=2)
