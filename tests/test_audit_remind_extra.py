@@ -119,3 +119,28 @@ def test_paraphrase_neighbourhoods_match_torch_losses():
 def test_paraphrase_rejects_items_without_paraphrases():
     with pytest.raises(ValueError, match="item 5 has no .*paraphrased_question"):
         remind.paraphrase_auc(None, None, FORGET[:5], HOLDOUT[:5], folds=2)
+
+
+def test_report_shows_the_low_fpr_three_class_and_paraphrase_tables():
+    from jaxunlearn.audit import report
+
+    def role(auc, tpr, auc3, para):
+        return {
+            "auc": {"loss0": auc, "classifier": auc},
+            "tpr_at_1fpr": {"loss0": tpr, "classifier": tpr},
+            "auc3_forget_retain_holdout": auc3,
+            "paraphrase_forget_vs_retain": {
+                "auc": {"loss0": para, "classifier": para},
+                "tpr_at_1fpr": {"loss0": 0.0, "classifier": 0.125},
+            },
+        }
+
+    res = {"target": role(0.91, 0.375, 0.61, 0.52), "unlearned": role(0.83, 0.25, 0.67, 0.74)}
+    text = "\n".join(report._remind_extra(res, ["target", "unlearned"], ["loss0", "classifier"]))
+    assert "TPR at 1% FPR" in text and "0.375" in text and "0.25" in text
+    assert "forget / retain / holdout" in text and "0.61" in text and "0.67" in text
+    assert "Paraphrase" in text and "0.74" in text and "0.125" in text
+    del res["target"]["paraphrase_forget_vs_retain"]
+    res["target"]["auc3_forget_retain_holdout"] = None
+    text = "\n".join(report._remind_extra(res, ["target", "unlearned"], ["loss0"]))
+    assert "Paraphrase" not in text and "forget / retain / holdout" not in text

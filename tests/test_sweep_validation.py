@@ -174,7 +174,7 @@ def test_validated_sweep_tiny_end_to_end(tmp_path):
         ["gradascent"], {"lr_scale": [0.5, 2.0]}, "tiny", out_dir=tmp_path / "out",
         cache_dir=tmp_path / "cache", progress=False, log=lambda _: None,
     )  # fmt: skip
-    folder = next((tmp_path / "cache" / "tofu").glob("tiny-*"))
+    folder = next((tmp_path / "cache").glob("tiny-*"))
     val_oracle = next(folder.glob("oracle-validation-*"))
     target_items = json.loads((folder / "target" / "train_log.json").read_text())["items"]
     assert json.loads((val_oracle / "train_log.json").read_text())["items"] == target_items - 20
