@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``jaxunlearn demo``; returns the exit status."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.benchmark == "classifiers":
+        if args.sequential is not None:
+            raise UsageError("--sequential is a TOFU option (--benchmark tofu)")
         from jaxunlearn.pipeline.classifiers import run_classifiers
 
         with bad_input():
