@@ -3,7 +3,7 @@ and plain sklearn."""
 
 import numpy as np
 import pytest
-from _audit_tiny import FORGET, HOLDOUT, RETAIN, tiny_models, torch_answer_loss
+from _audit_tiny import FORGET, HOLDOUT, RETAIN, build_tokenizer, tiny_models, torch_answer_loss
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
@@ -66,28 +66,50 @@ def test_multiclass_cv_auc_matches_plain_one_vs_rest():
         remind.multiclass_cv_auc(x[:20], np.r_[np.zeros(18), 1, 2], folds=3)
 
 
+def test_remind_auc_three_class_wiring(monkeypatch):
+    """remind_auc's item order and readings, the model's features replaced by known ones."""
+    tok = build_tokenizer()
+    rng = np.random.default_rng(3)
+    n = 6  # per set; features: forget rows 0-5, holdout 6-11, retain 12-17
+    known = rng.normal(size=(3 * n, 4)) + np.repeat([[1.0], [0.0], [0.5]], n, axis=0)
+    monkeypatch.setattr(remind, "remind_features", lambda model, ex, *a, **k: known[: len(ex)])
+    monkeypatch.setattr(remind, "input_embedding", lambda m: np.eye(128, 8, dtype=np.float32))
+    res = remind.remind_auc(
+        None, tok, FORGET[:n], HOLDOUT[:n], folds=3, retain=RETAIN[:n], n_neighbours=2
+    )
+    np.testing.assert_array_equal(res.retain, known[2 * n :])
+    y = np.r_[np.ones(n), np.zeros(n)]
+    for i, name in enumerate(remind.FEATURES):
+        assert res.auc[name] == pytest.approx(roc_auc_score(y, -known[: 2 * n, i]))
+        want = plain_tpr_at_fpr(-known[:n, i], -known[n : 2 * n, i], 0.01)
+        assert res.tpr_at_1fpr[name] == pytest.approx(want)
+    three = np.r_[known[:n], known[2 * n :], known[n : 2 * n]]
+    labels = np.repeat([0, 1, 2], n)
+    assert res.auc3 == pytest.approx(plain_multiclass_auc(three, labels, 3, 0), abs=1e-9)
+
+
+@pytest.mark.slow
 def test_remind_three_class_and_low_fpr_from_the_features():
     tok, _, _, model, _ = tiny_models()
-    forget, holdout, retain = FORGET[:6], HOLDOUT[:6], RETAIN[:6]
-    radii = (0.2, 0.5)
+    forget, holdout, retain = FORGET[:4], HOLDOUT[:4], RETAIN[:4]
     res = remind.remind_auc(
-        model, tok, forget, holdout, radii=radii, n_neighbours=2, folds=3, retain=retain
+        model, tok, forget, holdout, radii=(0.2, 0.5), n_neighbours=2, folds=2, retain=retain
     )
     feats = np.r_[res.forget, res.holdout]
-    y = np.r_[np.ones(6), np.zeros(6)]
+    y = np.r_[np.ones(4), np.zeros(4)]
     for i, name in enumerate(remind.FEATURES):
         assert res.auc[name] == pytest.approx(roc_auc_score(y, -feats[:, i]), abs=1e-9)
-        want = plain_tpr_at_fpr(-feats[:6, i], -feats[6:, i], 0.01)
+        want = plain_tpr_at_fpr(-feats[:4, i], -feats[4:, i], 0.01)
         assert res.tpr_at_1fpr[name] == pytest.approx(want)
-    proba = plain_grouped_cv(feats, y.astype(int), np.arange(12), 3, 0)
+    proba = plain_grouped_cv(feats, y.astype(int), np.arange(8), 2, 0)
     assert res.tpr_at_1fpr["classifier"] == pytest.approx(
-        plain_tpr_at_fpr(proba[:6], proba[6:], 0.01)
+        plain_tpr_at_fpr(proba[:4], proba[4:], 0.01)
     )
     three = np.r_[res.forget, res.retain, res.holdout]
-    labels = np.repeat([0, 1, 2], 6)
-    assert res.auc3 == pytest.approx(plain_multiclass_auc(three, labels, 3, 0), abs=1e-9)
+    labels = np.repeat([0, 1, 2], 4)
+    assert res.auc3 == pytest.approx(plain_multiclass_auc(three, labels, 2, 0), abs=1e-9)
     with pytest.raises(ValueError, match="retain items"):
-        remind.remind_auc(model, tok, forget, holdout, folds=3, retain=retain[:2])
+        remind.remind_auc(model, tok, forget, holdout, folds=2, retain=retain[:1])
 
 
 def test_paraphrase_neighbourhoods_match_torch_losses():
