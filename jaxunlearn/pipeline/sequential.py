@@ -244,6 +244,8 @@ def plot_sequential(seq: SequentialTofu, path: str | os.PathLike) -> Path:
     ax.legend(fontsize=8)
     mu.plot(done, [r["model_utility"] for r in table], marker="o", color="tab:purple")
     mu.set(xlabel="requests unlearned", ylabel="model utility")
+    for axis in (ax, mu):
+        axis.set_xticks(done)
     fig.suptitle(f"Sequential deletion requests: {seq.method}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
