@@ -115,6 +115,14 @@ def test_full_audit_writes_report(ws, capsys):
     assert rl["steps"] == [0, 1] and len(rl["models"]["oracle"]["losses"]) == 1
     assert set(logs["relearn1/prob"]["value_by_index"]) == {str(i) for i in rl["measured_items"]}
     assert {"remind/loss0", "quant4/truth_ratio", "probe/layer1_p_forget"} <= set(logs)
+    # --retain (4 retain_perturbed items, 2 folds): REMIND's 3-class AUC and the paraphrase
+    # check (forget and retain items both carry TOFU paraphrases) are in the report.
+    for role in ("target", "unlearned", "oracle"):
+        r = res["remind"][role]
+        assert 0.0 <= r["auc3_forget_retain_holdout"] <= 1.0
+        assert set(r["tpr_at_1fpr"]) == set(r["auc"])
+        assert len(r["paraphrase_forget_vs_retain"]["retain"]) == 4
+    assert "TPR at 1% FPR" in md and "forget / retain / holdout" in md and "Paraphrase" in md
     from scipy.stats import ks_2samp
 
     models = rl["models"]

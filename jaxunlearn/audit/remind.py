@@ -14,6 +14,23 @@ and truly forgotten ones do not. The audit reports the AUC of each feature, and 
 cross-validated logistic regression on all four, for telling forget from holdout items; 0.5
 means the neighbourhoods reveal nothing.
 
+Two more readings of the same features, for an auditor who wants more than one AUC:
+
+- ``tpr_at_1fpr``: the fraction of forget items flagged when at most 1% of holdout items are
+  (Carlini et al., arXiv:2112.03570: membership inference judged at low false-positive
+  rates, where an average-case AUC hides a confident minority);
+- ``auc3`` (with `retain` items): the macro one-vs-rest AUC of a cross-validated multinomial
+  logistic regression telling forget / retain (seen, kept) / holdout (never seen) apart.
+  For the oracle forget items look like holdout; for the target like retain.
+
+Paraphrase neighbourhoods (`paraphrase_auc`): TOFU ships a paraphrased question and answer
+for its forget and retain items, so a neighbour can also be the same fact in other words:
+(question, paraphrased answer), (paraphrased question, answer), (paraphrased question,
+paraphrased answer). Features: loss0, the neighbours' mean loss, its gap to loss0, and their
+standard deviation (`PARAPHRASE_FEATURES`). TOFU's holdout items have no paraphrases, so this
+check tells forget from retain items: a model that never saw the forget set (the oracle)
+separates them; the target, which learned both, does not.
+
 Here only answer tokens are replaced (the question is the same prompt the model sees), the
 final EOS label is kept, and neighbours are scored with the jitted, mesh-sharded
 `eval.inference.score_examples`. Build the neighbourhoods once (from the target model's
@@ -22,6 +39,8 @@ embeddings) and score every model on the same ones, so models are compared on eq
 References:
   "REMIND: Input Loss Landscapes Reveal Residual Memorization in Post-Unlearning LLMs",
   arXiv:2511.04228.
+  Carlini et al., "Membership Inference Attacks From First Principles", arXiv:2112.03570.
+  Maini et al., "TOFU: A Task of Fictitious Unlearning for LLMs", arXiv:2401.06121.
 """
 
 from __future__ import annotations
@@ -43,6 +62,9 @@ from jaxunlearn.eval.inference import pad_token_id, score_examples, tokenize_ite
 
 DEFAULT_RADII: tuple[float, ...] = (0.1, 0.2, 0.3)
 FEATURES: tuple[str, ...] = ("loss0", "slope", "curvature", "dispersion")
+PARAPHRASE_FEATURES: tuple[str, ...] = ("loss0", "para_loss", "para_gap", "para_dispersion")
+# The low false-positive rate at which membership is judged (TPR at 1% FPR).
+LOW_FPR = 0.01
 
 Example = dict[str, np.ndarray]
 
@@ -144,6 +166,57 @@ def flatness_features(loss0: np.ndarray, losses: np.ndarray, radii: Sequence[flo
     return np.stack([loss0, coef[1], coef[2], dispersion], axis=1)
 
 
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float = LOW_FPR) -> float:
+    """The highest true-positive rate over thresholds whose false-positive rate is <= `fpr`
+    (label 1 positive, higher score = more likely positive; `sklearn.metrics.roc_curve`).
+
+    Raises:
+      ValueError: `fpr` outside [0, 1], or a class missing.
+    """
+    from sklearn.metrics import roc_curve
+
+    if not 0.0 <= fpr <= 1.0:
+        raise ValueError(f"fpr must be in [0, 1], got {fpr}")
+    y = np.asarray(labels, np.int64)
+    if len(np.unique(y)) != 2:
+        raise ValueError("tpr_at_fpr needs both positive and negative items")
+    false_pos, true_pos, _ = roc_curve(y, np.asarray(scores, np.float64))
+    return float(true_pos[false_pos <= fpr].max())
+
+
+def multiclass_cv_auc(
+    features: np.ndarray, labels: np.ndarray, *, folds: int = 5, seed: int = 0, what: str = ""
+) -> float:
+    """Macro one-vs-rest ROC AUC of out-of-fold multinomial logistic-regression
+    probabilities (standardised features, balanced classes, stratified folds).
+
+    Raises:
+      ValueError: a class with fewer items than `folds`, or non-finite features.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = np.asarray(features, np.float64), np.asarray(labels, np.int64)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 3 or counts.min() < folds:
+        raise ValueError(
+            f"{what or 'multiclass AUC'}: needs 3 classes with >= {folds} items each, got "
+            f"{dict(zip(classes.tolist(), counts.tolist()))}"
+        )
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what or 'multiclass AUC'}: non-finite features")
+    proba = np.zeros((len(y), len(classes)))
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        clf = make_pipeline(
+            StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced")
+        )
+        proba[test] = clf.fit(x[train], y[train]).predict_proba(x[test])
+    return float(roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+
+
 class RemindResult(NamedTuple):
     """REMIND features of forget and holdout items under one model, and how well they separate.
 
@@ -152,11 +225,17 @@ class RemindResult(NamedTuple):
       holdout: [N_h, 4] features per holdout item.
       auc: {feature: ROC AUC with forget items positive, on -feature (lower loss/flatter =
         member)} plus "classifier": the cross-validated logistic regression on all four.
+      tpr_at_1fpr: the same keys: TPR at 1% FPR of forget vs holdout (`tpr_at_fpr`).
+      retain: [N_r, 4] features of retain items (None unless `retain` was given).
+      auc3: macro one-vs-rest AUC of forget / retain / holdout (None without retain items).
     """
 
     forget: np.ndarray
     holdout: np.ndarray
     auc: dict[str, float]
+    tpr_at_1fpr: dict[str, float] | None = None
+    retain: np.ndarray | None = None
+    auc3: float | None = None
 
 
 def remind_features(
@@ -191,6 +270,7 @@ def remind_auc(
     folds: int = 5,
     seed: int = 0,
     max_length: int = 512,
+    retain: Sequence[Mapping[str, Any]] | None = None,
 ) -> RemindResult:
     """REMIND features and forget-vs-holdout AUCs of `model` (see the module docstring).
 
@@ -208,6 +288,7 @@ def remind_auc(
       folds: cross-validation folds of the combined classifier.
       seed: neighbour and fold seed.
       max_length: most tokens per item.
+      retain: items the model saw and kept; with them the 3-class AUC is computed too.
 
     Returns:
       `RemindResult`.
@@ -216,27 +297,138 @@ def remind_auc(
 
     labels = np.r_[np.ones(len(forget)), np.zeros(len(holdout))]
     check_cv_counts(labels.astype(np.int64), np.arange(len(labels)), folds, "REMIND")
-    items = [*forget, *holdout]
+    retain = list(retain or [])
+    if retain and len(retain) < folds:
+        raise ValueError(f"REMIND: {len(retain)} retain items, fewer than the {folds} folds")
+    items = [*forget, *holdout, *retain]
     examples = tokenize_items(tokenizer, items, options.fmt, max_length=max_length)
     embedding = input_embedding(model) if embedding is None else embedding
     hoods = build_neighbourhoods(
         examples, embedding, radii=radii, n_neighbours=n_neighbours, k_nearest=k_nearest,
         seed=seed,
     )  # fmt: skip
-    feats = remind_features(model, examples, hoods, radii, options, pad_id=pad_token_id(tokenizer))
+    all_feats = remind_features(
+        model, examples, hoods, radii, options, pad_id=pad_token_id(tokenizer)
+    )
+    n = len(labels)
+    feats = all_feats[:n]
     auc = {name: float(roc_auc_score(labels, -feats[:, i])) for i, name in enumerate(FEATURES)}
-    auc["classifier"] = grouped_cv(feats, labels, folds=folds, seed=seed, what="REMIND").auc
-    return RemindResult(feats[: len(forget)], feats[len(forget) :], auc)
+    tpr = {name: tpr_at_fpr(labels, -feats[:, i]) for i, name in enumerate(FEATURES)}
+    held = grouped_cv(feats, labels, folds=folds, seed=seed, what="REMIND")
+    auc["classifier"], tpr["classifier"] = held.auc, tpr_at_fpr(labels, held.proba)
+    auc3 = None
+    if retain:
+        three = np.r_[np.zeros(len(forget)), np.ones(len(retain)), np.full(len(holdout), 2)]
+        stacked = np.r_[feats[: len(forget)], all_feats[n:], feats[len(forget) :]]
+        auc3 = multiclass_cv_auc(stacked, three, folds=folds, seed=seed, what="REMIND 3-class")
+    return RemindResult(
+        feats[: len(forget)], feats[len(forget) :], auc, tpr,
+        all_feats[n:] if retain else None, auc3,
+    )  # fmt: skip
+
+
+def paraphrase_neighbours(item: Mapping[str, Any], index: int = 0) -> list[dict[str, str]]:
+    """The three paraphrase neighbours of a TOFU item (see the module docstring).
+
+    Raises:
+      ValueError: the item has no non-empty "paraphrased_question" / "paraphrased_answer"
+        (names its position).
+    """
+    missing = [
+        k
+        for k in ("question", "answer", "paraphrased_question", "paraphrased_answer")
+        if not isinstance(item.get(k), str) or not item[k].strip()
+    ]
+    if missing:
+        raise ValueError(
+            f"paraphrase neighbourhoods: item {index} has no {missing}; use TOFU's "
+            "forgetXX_perturbed / retain_perturbed rows (holdout rows have no paraphrases)"
+        )
+    q, a = item["question"], item["answer"]
+    pq, pa = item["paraphrased_question"], item["paraphrased_answer"]
+    return [
+        {"question": q, "answer": pa},
+        {"question": pq, "answer": a},
+        {"question": pq, "answer": pa},
+    ]
+
+
+def paraphrase_flatness(loss0: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """[N, 4] (loss0, mean neighbour loss, gap, neighbour std) from [N] and [N, K] losses."""
+    mean = losses.mean(-1)
+    return np.stack([loss0, mean, mean - loss0, losses.std(-1)], axis=1)
+
+
+class ParaphraseResult(NamedTuple):
+    """Paraphrase-neighbourhood features of two item sets under one model.
+
+    Attributes:
+      positive: [N_p, 4] features (`PARAPHRASE_FEATURES`) of the positive set (forget).
+      negative: [N_n, 4] features of the negative set (retain).
+      auc: {feature: AUC on -feature, positive set as label 1} plus "classifier" (CV).
+      tpr_at_1fpr: the same keys, TPR at 1% FPR.
+    """
+
+    positive: np.ndarray
+    negative: np.ndarray
+    auc: dict[str, float]
+    tpr_at_1fpr: dict[str, float]
+
+
+def paraphrase_auc(
+    model: nnx.Module,
+    tokenizer: Any,
+    positive: Sequence[Mapping[str, Any]],
+    negative: Sequence[Mapping[str, Any]],
+    options: ScoringOptions = DEFAULT_OPTIONS,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    max_length: int = 512,
+) -> ParaphraseResult:
+    """Paraphrase-neighbourhood features and the AUC / TPR@1%FPR of telling `positive`
+    (forget) from `negative` (retain) items apart (one batched scoring call).
+
+    Raises:
+      ValueError: an item without paraphrases, or fewer items per set than `folds`.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
+    check_cv_counts(labels.astype(np.int64), np.arange(len(labels)), folds, "paraphrase")
+    items = [*positive, *negative]
+    hoods = [paraphrase_neighbours(item, i) for i, item in enumerate(items)]
+    flat = [*items, *(nb for group in hoods for nb in group)]
+    examples = tokenize_items(tokenizer, flat, options.fmt, max_length=max_length)
+    arrays = score_examples(
+        model, examples, pad_id=pad_token_id(tokenizer), **options.score_kwargs()
+    )
+    loss = np.asarray(M.length_normalised_loss(arrays.logprob, arrays.mask), np.float64)
+    n = len(items)
+    feats = paraphrase_flatness(loss[:n], loss[n:].reshape(n, -1))
+    auc = {k: float(roc_auc_score(labels, -feats[:, i])) for i, k in enumerate(PARAPHRASE_FEATURES)}
+    tpr = {k: tpr_at_fpr(labels, -feats[:, i]) for i, k in enumerate(PARAPHRASE_FEATURES)}
+    held = grouped_cv(feats, labels, folds=folds, seed=seed, what="paraphrase")
+    auc["classifier"], tpr["classifier"] = held.auc, tpr_at_fpr(labels, held.proba)
+    return ParaphraseResult(feats[: len(positive)], feats[len(positive) :], auc, tpr)
 
 
 __all__ = [
     "DEFAULT_RADII",
     "FEATURES",
+    "LOW_FPR",
+    "PARAPHRASE_FEATURES",
+    "ParaphraseResult",
     "RemindResult",
     "build_neighbourhoods",
     "flatness_features",
     "input_embedding",
+    "multiclass_cv_auc",
     "nearest_tokens",
+    "paraphrase_auc",
+    "paraphrase_flatness",
+    "paraphrase_neighbours",
     "remind_auc",
     "remind_features",
+    "tpr_at_fpr",
 ]

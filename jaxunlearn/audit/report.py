@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,7 @@ def _sections(res: Mapping[str, Any]) -> list[str]:
         out.append("## REMIND neighbourhood losses (AUC forget vs holdout)\n\n" + _table(
             ["model", *names], [[r, *(res["remind"][r]["auc"][n] for n in names)] for r in roles]
         ))  # fmt: skip
+        out += _remind_extra(res["remind"], roles, names)
     if "probe" in res:
         layers = res["probe"]["target"]["layers"]
         out.append("## Representation probe (held-out balanced accuracy by layer)\n\n" + _table(
@@ -316,6 +317,39 @@ def item_logs(res: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         for layer, proba in zip(p["layers"], p["proba"]):
             logs[role][f"probe/layer{layer}_p_forget"] = eval_report.metric_result(proba)
     return logs
+
+
+def _remind_extra(remind: Mapping[str, Any], roles: Sequence[str], names: list) -> list[str]:
+    """TPR at 1% FPR, the 3-class AUC and the paraphrase check, where they were computed."""
+    out = []
+    if all(remind[r].get("tpr_at_1fpr") for r in roles):
+        out.append("## REMIND: TPR at 1% FPR (forget flagged, holdout at most 1% flagged)\n\n"
+                   + _table(["model", *names],
+                            [[r, *(remind[r]["tpr_at_1fpr"][n] for n in names)] for r in roles]))  # fmt: skip
+    if all(remind[r].get("auc3_forget_retain_holdout") is not None for r in roles):
+        out.append(
+            "## REMIND: forget / retain / holdout "
+            "(macro one-vs-rest AUC; 0.5 = nothing separates them)\n\n"
+            + _table(
+                ["model", "AUC"], [[r, remind[r]["auc3_forget_retain_holdout"]] for r in roles]
+            )
+        )
+    if all("paraphrase_forget_vs_retain" in remind[r] for r in roles):
+        para = {r: remind[r]["paraphrase_forget_vs_retain"] for r in roles}
+        keys = list(para[roles[0]]["auc"])
+        out.append(
+            "## Paraphrase neighbourhoods: forget vs retain (AUC; TPR at 1% FPR of the "
+            "classifier). A model that never saw the forget set separates them; one that "
+            "learned both does not.\n\n"
+            + _table(
+                ["model", *keys, "TPR@1%FPR"],
+                [
+                    [r, *(para[r]["auc"][k] for k in keys), para[r]["tpr_at_1fpr"]["classifier"]]
+                    for r in roles
+                ],
+            )  # fmt: skip
+        )
+    return out
 
 
 def _split_ids(n_forget: int, n_holdout: int) -> list[str]:

@@ -8,8 +8,10 @@ numbers a leaderboard row shows. Checks (`CHECKS`):
 - ``quantization``: 8- and 4-bit RTN (`quantize`), forget metrics and recovery;
 - ``relearning``: forget metrics on the held-out forget items after {0, 10, 25, 50, 100}
   NLL steps on the others (`relearn`), for each model;
-- ``remind``: neighbourhood-loss features and their forget-vs-holdout AUC (`remind`), on
-  neighbourhoods built once from the target's embeddings;
+- ``remind``: neighbourhood-loss features and their forget-vs-holdout AUC and TPR at 1% FPR
+  (`remind`), on neighbourhoods built once from the target's embeddings; with retain items
+  also the forget / retain / holdout 3-class AUC, and paraphrase neighbourhoods (forget vs
+  retain) when the items carry TOFU's paraphrases;
 - ``probe``: per-layer representation probes (`probe`);
 - ``trace``: telling the unlearned model (and the oracle) from the target by outputs on
   forget-irrelevant prompts (`trace`).
@@ -202,21 +204,47 @@ def _relearning(models, tokenizer, measure, options, config) -> dict[str, Any]:
     return out
 
 
-def _remind(models, tokenizer, forget, holdout, options, config) -> dict[str, Any]:
+def _has_paraphrases(items: Sequence[Mapping[str, Any]]) -> bool:
+    keys = ("paraphrased_question", "paraphrased_answer")
+    return bool(items) and all(
+        isinstance(i.get(k), str) and i[k].strip() for i in items for k in keys
+    )
+
+
+def _remind(models, tokenizer, forget, holdout, options, config, retain=None) -> dict[str, Any]:
+    """REMIND per model; with >= `folds` retain items also the 3-class AUC, and paraphrase
+    neighbourhoods (forget vs retain) when both sets carry TOFU paraphrases."""
     embedding = remind.input_embedding(models["target"])
+    retain = list(retain or [])
+    three = retain if len(retain) >= config.folds else None
+    paraphrase = len(retain) >= config.folds and _has_paraphrases([*forget, *retain])
     out = {}
     for role, model in models.items():
         r = remind.remind_auc(
             model, tokenizer, forget, holdout, options, embedding=embedding,
             radii=config.remind_radii, n_neighbours=config.remind_neighbours,
-            folds=config.folds, seed=config.seed, max_length=config.max_length,
+            folds=config.folds, seed=config.seed, max_length=config.max_length, retain=three,
         )  # fmt: skip
         out[role] = {
             "auc": r.auc,
+            "tpr_at_1fpr": r.tpr_at_1fpr,
+            "auc3_forget_retain_holdout": r.auc3,
             "features": list(remind.FEATURES),
             "forget": r.forget.tolist(),
             "holdout": r.holdout.tolist(),
         }
+        if paraphrase:
+            p = remind.paraphrase_auc(
+                model, tokenizer, forget, retain, options, folds=config.folds,
+                seed=config.seed, max_length=config.max_length,
+            )  # fmt: skip
+            out[role]["paraphrase_forget_vs_retain"] = {
+                "auc": p.auc,
+                "tpr_at_1fpr": p.tpr_at_1fpr,
+                "features": list(remind.PARAPHRASE_FEATURES),
+                "forget": p.positive.tolist(),
+                "retain": p.negative.tolist(),
+            }
     return out
 
 
@@ -325,7 +353,7 @@ def run_audit(
     steps = {
         "quantization": lambda: _quantization(models, measure, base, config),
         "relearning": lambda: _relearning(models, tokenizer, measure, options, config),
-        "remind": lambda: _remind(models, tokenizer, forget, holdout, options, config),
+        "remind": lambda: _remind(models, tokenizer, forget, holdout, options, config, retain),
         "probe": lambda: _probe(models, tokenizer, forget, holdout, options, config),
         "trace": lambda: _trace(models, tokenizer, trace_prompts, options, config),
     }

@@ -5,6 +5,8 @@
 and a forget-quality vs model-utility plot (`jaxunlearn.pipeline.run_tofu`).
 ``--benchmark classifiers``: the same for image classifiers (forget a class, a sub-class or
 random samples; `jaxunlearn.pipeline.classifiers.run_classifiers`).
+``--sequential [K]``: the TOFU forget split as K deletion requests unlearned one after another
+(`jaxunlearn.pipeline.sequential.run_sequential`).
 """
 
 from __future__ import annotations
@@ -46,10 +48,32 @@ def print_leaderboard(result: Any) -> None:
     print(f"Plot:        {result.paths['plot']}")
 
 
+def _run_sequential(args: argparse.Namespace, methods: list[str] | None) -> int:
+    from jaxunlearn.pipeline.sequential import run_sequential
+
+    if args.robustness:
+        raise UsageError("--sequential and --robustness: run them separately")
+    with bad_input("--sequential: "):
+        results = run_sequential(
+            args.preset,
+            methods,
+            args.sequential or None,
+            out_dir=args.out,
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+        )
+    for seq in results:
+        print(f"{seq.method}: {seq.paths['markdown']}  (JSON: {seq.paths['json']}, plot: "
+              f"{seq.paths['plot']})")  # fmt: skip
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``jaxunlearn demo``; returns the exit status."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.benchmark == "classifiers":
+        if args.sequential is not None:
+            raise UsageError("--sequential is a TOFU option (--benchmark tofu)")
         from jaxunlearn.pipeline.classifiers import run_classifiers
 
         with bad_input():
@@ -63,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.preset not in ("tiny", "small", "full"):
         raise UsageError(f"--preset {args.preset!r}: TOFU presets are tiny, small and full.")
+    if args.sequential is not None:
+        return _run_sequential(args, methods)
     with bad_input():
         result = run_tofu(
             args.preset,
@@ -99,6 +125,17 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="TOFU: audit every method too (forget quality after 50 relearning steps and "
         "4-bit quantization, probe and trace-detection accuracy); ~2 min per method on small",
+    )
+    p.add_argument(
+        "--sequential",
+        type=int,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="K",
+        help="TOFU: deletion requests one after another: the forget split in K requests "
+        "(default: one per forget author), each unlearned from the previous result; forget "
+        "quality of every request and model utility after each (table, JSON, plot)",
     )
     c = p.add_argument_group("classifiers")
     c.add_argument(

@@ -6,6 +6,10 @@
 - `TofuBenchmark(preset)`: one forget split ready for your own objective / optax chain:
   `target()`, `sampler()`, `steps()`, `evaluate(model, name)`, `write_leaderboard()`.
 - `sweep(method, grid)`: one method over a hyperparameter grid (`jaxunlearn sweep`).
+- `sequential.run_sequential(preset, methods, k)`: the forget split as k deletion requests
+  unlearned one after another (`jaxunlearn demo --sequential K`).
+- `validated_sweep(methods)`: each method's setting selected on a validation split of
+  authors, then reported once on the forget split (`jaxunlearn sweep --select validation`).
 - Building blocks: `train_bpe_tokenizer`, `finetune` / `FinetuneRecipe`, `write_leaderboard`,
   `plot_tradeoff`.
 
@@ -35,7 +39,14 @@ from jaxunlearn.pipeline.presets import (
     UnlearnSettings,
     get_preset,
 )
-from jaxunlearn.pipeline.sweep import grid_points, parse_grid, setting_label, split_point
+from jaxunlearn.pipeline.sweep import (
+    grid_points,
+    method_runs,
+    parse_grid,
+    setting_label,
+    split_point,
+    validated_sweep,
+)
 from jaxunlearn.pipeline.tofu import (
     MethodRun,
     TofuBenchmark,
@@ -63,7 +74,7 @@ def sweep(
     Args:
       method: a `jaxunlearn.recipes` method name.
       grid: {hyperparameter: [values]}; recipe hyperparameters, plus `lr` /
-        `learning_rate`, `epochs` and `batch_size` (`sweep.RUN_KEYS`).
+        `learning_rate`, `lr_scale`, `epochs` and `batch_size` (`sweep.RUN_KEYS`).
       preset: the preset whose target, oracle and budget are used.
       **run_kwargs: passed to `run_tofu` (out_dir, cache_dir, progress, log).
 
@@ -73,23 +84,7 @@ def sweep(
     Raises:
       ValueError: an empty grid, or a key the method does not have.
     """
-    from jaxunlearn import recipes
-
-    if not grid:
-        raise ValueError("sweep needs at least one --grid key=values")
-    known = set(recipes.defaults(method))
-    runs = []
-    for point in grid_points(grid):
-        run_settings, overrides = split_point(point)
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(
-                f"method '{method}' has no hyperparameter {unknown}; valid: {sorted(known)} "
-                "(plus lr, epochs, batch_size)"
-            )
-        if "learning_rate" in run_settings:
-            overrides["learning_rate"] = run_settings.pop("learning_rate")
-        runs.append(MethodRun(method, overrides, setting=setting_label(point), **run_settings))
+    runs = method_runs(method, grid, get_preset(preset))
     title = f"TOFU sweep: {method} ({get_preset(preset).name})"
     return run_tofu(preset, runs=runs, title=title, **run_kwargs)
 
@@ -119,5 +114,6 @@ __all__ = [
     "run_tofu",
     "sweep",
     "train_bpe_tokenizer",
+    "validated_sweep",
     "write_leaderboard",
 ]
