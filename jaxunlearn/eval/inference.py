@@ -120,7 +120,9 @@ def _on_jax_event(event: str, duration: float, **_: Any) -> None:
     timings = _TIMINGS.get()
     if timings is None or event not in _COMPILE_EVENTS:
         return
-    timings.add("compile", duration)
+    timings.seconds["compile"] = timings.seconds.get("compile", 0.0) + duration
+    if event == _COMPILE_EVENTS[-1]:  # one XLA compilation (after its trace and lowering)
+        timings.calls["compile"] = timings.calls.get("compile", 0) + 1
     if timings._stack:  # taken out of the phase that triggered the compilation
         timings._stack[-1][1] += duration
 
@@ -172,6 +174,47 @@ def phase(name: str) -> Iterator[None]:
         timings.add(name, elapsed - frame[1])
         if timings._stack:
             timings._stack[-1][1] += elapsed
+
+
+# ----------------------------------------------------------------------------- compile cache
+
+# Compilations faster than this are not written to the persistent cache (they would cost
+# about as much to read back as to redo).
+CACHE_MIN_COMPILE_SECS = 0.5
+
+
+def default_compilation_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/jaxunlearn/jax-compilation-cache`` (``~/.cache`` when unset)."""
+    import os
+
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "jaxunlearn" / "jax-compilation-cache"
+
+
+def enable_compilation_cache(
+    directory: str | Path | None = None, *, min_compile_secs: float = CACHE_MIN_COMPILE_SECS
+) -> Path:
+    """Keeps compiled XLA executables on disk, so a later process skips their compilation.
+
+    JAX's persistent compilation cache keys each executable by its program, shapes,
+    compiler options, backend and JAX version, so a stale entry is never used. Evaluating
+    many checkpoints of one architecture with the same buckets then compiles once, not once
+    per process. Call before the first compilation of the process (later calls may be
+    ignored by JAX); it sets process-wide JAX options.
+
+    Args:
+      directory: where to keep the executables (default `default_compilation_cache_dir`);
+        created if missing.
+      min_compile_secs: compilations faster than this are not stored.
+
+    Returns:
+      The cache directory.
+    """
+    path = Path(directory) if directory is not None else default_compilation_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+    return path
 
 
 class TokenArrays(NamedTuple):
@@ -942,6 +985,7 @@ def _generate_and_decode(
 
 
 __all__ = [
+    "CACHE_MIN_COMPILE_SECS",
     "EVAL_BUCKETS",
     "PACK_LENGTH",
     "EvalResult",
@@ -949,6 +993,8 @@ __all__ = [
     "TokenArrays",
     "as_token_scores",
     "collect_timings",
+    "default_compilation_cache_dir",
+    "enable_compilation_cache",
     "decode_generation",
     "eos_token_ids",
     "generate_answers",
