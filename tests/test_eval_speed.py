@@ -300,3 +300,16 @@ def test_enable_compilation_cache_second_process_hits(tmp_path):
         "jaxunlearn",
         "jax-compilation-cache",
     )
+
+
+def test_one_length_generation_gives_the_same_tokens(world):
+    model, tok = world["model"], world["tokenizer"]
+    questions = [r["question"] for r in rows("forget10_perturbed")[:3]] + ["Who?"]
+    prompts = [inference.encode_prompt(tok, q, "chat") for q in questions]
+    buckets = (min(len(p) for p in prompts), 128)  # "Who?" alone in the short bucket
+    assert len({inference.bucket_length(len(p), buckets) for p in prompts}) == 2
+    kw = dict(max_new_tokens=4, eos_token_id=tok.eos_token_id, pad_token_id=0, batch_size=4)
+    ours = inference.generate_tokens(model, prompts, buckets=buckets, one_length=True, **kw)
+    ref = inference.generate_tokens(model, prompts, buckets=buckets, **kw)
+    for a, b in zip(ours, ref):
+        np.testing.assert_array_equal(a, b)

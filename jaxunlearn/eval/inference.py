@@ -828,6 +828,7 @@ def generate_tokens(
     buckets: Sequence[int] = EVAL_BUCKETS,
     mesh: jax.sharding.Mesh | None = None,
     ou_eos_masking: bool = False,
+    one_length: bool = False,
 ) -> list[np.ndarray]:
     """Greedy new tokens for each tokenised prompt, cut before the first EOS.
 
@@ -844,6 +845,9 @@ def generate_tokens(
       buckets: allowed padded prompt lengths.
       mesh: shard the prompts over this mesh.
       ou_eos_masking: see `score_examples` (here: EOS-valued prompt tokens are masked).
+      one_length: left-pad every prompt to the bucket of the longest one, so the whole call
+        compiles once and only its last batch has filler rows (the extra padding is masked
+        and moves no position, so the tokens are the same).
 
     Returns:
       One int32 array per prompt: the generated tokens before the first EOS.
@@ -860,6 +864,8 @@ def generate_tokens(
             )
     eos = [int(e) for e in np.atleast_1d(eos_token_id)]
     examples = [{"input_ids": np.asarray(p, np.int32)} for p in prompts]
+    if one_length:
+        buckets = (bucket_length(max(lengths), buckets),)
     pending = []
     for bucket, rows, indices in _groups(lengths, buckets, batch_size, _ways(mesh)):
         batch = pad_to_bucket(
@@ -919,6 +925,7 @@ def generate_answers(
     eos_token_id: int | Sequence[int] | None = None,
     strip: bool = True,
     ou_eos_masking: bool = False,
+    one_length: bool = False,
 ) -> list[str]:
     """Greedy answers to questions, as open-unlearning's ROUGE metrics generate them.
 
@@ -943,6 +950,7 @@ def generate_answers(
         `eos_token_ids` for a model's extra stop tokens).
       strip: strip surrounding whitespace (open-unlearning does).
       ou_eos_masking: see `score_examples`.
+      one_length: see `generate_tokens`.
 
     Returns:
       One decoded answer per question, in order.
@@ -967,6 +975,7 @@ def generate_answers(
             mesh=mesh,
             strip=strip,
             ou_eos_masking=ou_eos_masking,
+            one_length=one_length,
         )
 
 

@@ -334,7 +334,9 @@ def evaluate_tofu(
       packed: teacher-forced scoring with `inference.score_packed`: each question's prompt
         is encoded once for its answer, paraphrase and perturbed answers, and rows are packed
         without padding into one shape. False scores each (question, answer) on its own
-        (`inference.score_examples`); the numbers agree to float rounding.
+        (`inference.score_examples`); the numbers agree to float rounding. It also left-pads
+        all generation prompts to one length (`inference.generate_tokens(one_length=True)`):
+        one compilation for the ROUGE generations.
 
     Returns:
       `EvalResult(logs, summary, metadata)`; `result.write(out_dir, "TOFU")` writes the
@@ -382,6 +384,7 @@ def evaluate_tofu(
             common,
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_id,
+            one_length=packed,
         )
     )
     with inference.phase("metrics"):
@@ -567,7 +570,7 @@ def _qa_entries(prefix: str, ids: list[str], scored: dict[str, TokenArrays]) -> 
 
 
 def _generation_metrics(
-    model, tokenizer, fmt, data, ids, needed, common, *, max_new_tokens, eos_token_id
+    model, tokenizer, fmt, data, ids, needed, common, *, max_new_tokens, eos_token_id, one_length
 ) -> dict[str, Any]:
     """ROUGE-L recall of greedy answers on every split whose ROUGE metric is needed."""
     prefixes = [p for p in ("forget", *_QA_SETS) if f"{p}_Q_A_ROUGE" in needed]
@@ -582,6 +585,7 @@ def _generation_metrics(
         fmt,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
+        one_length=one_length,
         **common,
     )
     with inference.phase("metrics"):
