@@ -73,7 +73,7 @@ def assert_same(ours: inference.TokenArrays, ref: inference.TokenArrays) -> None
             np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("stats", [False, True])
+@pytest.mark.parametrize("stats", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_packed_scores_equal_per_item_scores(world, stats):
     model, tok = world["model"], world["tokenizer"]
     examples = inference.tokenize_items(tok, tofu_items(), "chat", max_length=512)
@@ -139,6 +139,7 @@ def test_packed_gpt2_learned_positions(tiny_hf_model, nnx_twin, world):
     )
 
 
+@pytest.mark.slow
 def test_sliding_window_models_fall_back(tiny_hf_model, nnx_twin, world):
     config = transformers.MistralConfig(
         vocab_size=len(world["tokenizer"]),
@@ -171,6 +172,7 @@ def test_full_attention_mask_is_refused_with_a_cache_or_window():
     np.testing.assert_array_equal(np.asarray(key_mask), [[1, 1, 1, 1]])
 
 
+@pytest.mark.slow
 def test_tofu_packed_equals_unpacked(world):
     metrics = [
         "forget_truth_ratio",
