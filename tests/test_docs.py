@@ -56,6 +56,7 @@ DOCTEST_MODULES = [
     "jaxunlearn.bilevel",
     "jaxunlearn.checkpoints.hf",
     "jaxunlearn.data.unlearning",
+    "jaxunlearn.eval.inference",
     "jaxunlearn.objectives._base",
     "jaxunlearn.parallel",
     "jaxunlearn.plan",

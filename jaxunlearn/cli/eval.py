@@ -7,6 +7,12 @@ multiple-choice set and write open-unlearning-style logs.
     jaxunlearn eval --model DIR --benchmark mc --data wmdp_bio.jsonl --subject wmdp-bio \\
         --out out/WMDP_EVAL.json
 
+Compiled XLA programs are kept on disk between runs (`--compilation-cache`, default
+``~/.cache/jaxunlearn/jax-compilation-cache`` or under ``$XDG_CACHE_HOME``): evaluating the
+next checkpoint of the same architecture with the same buckets skips compilation. JAX keys
+each entry by program, shapes, compiler options and version, so a stale one is never used;
+``--compilation-cache off`` disables it.
+
 Writes FILE (`{metric: {"agg_value", "value_by_index"}}`, plus provenance under
 `"_jaxunlearn"`), `<prefix>_SUMMARY.json` (`{metric: agg_value}`) and `<prefix>_SUMMARY.md`
 next to it, where `<prefix>` is FILE's name without `_EVAL.json` (or without `.json`), and
@@ -79,6 +85,14 @@ def register(subparsers: Any) -> None:
         help="comma-separated padded sequence lengths, e.g. 256,512,1024 (default: "
         "32..4096); each bucket used compiles once",
     )
+    p.add_argument(
+        "--compilation-cache",
+        default="auto",
+        metavar="DIR|auto|off",
+        help="keep compiled XLA programs in DIR so later runs skip compilation (auto: "
+        "$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/jaxunlearn/"
+        "jax-compilation-cache, else ~/.cache/...; off: disabled)",
+    )
     add_model_arguments(p)
     p.add_argument(
         "--shard",
@@ -117,6 +131,16 @@ def _run(args: argparse.Namespace) -> int:
 
     from jaxunlearn import checkpoints, parallel
     from jaxunlearn.eval import inference, multiple_choice, muse, report, tofu
+
+    if args.compilation_cache != "off":  # before anything compiles
+        import jax
+
+        # auto keeps a directory the user already gave JAX (JAX_COMPILATION_CACHE_DIR).
+        given = jax.config.jax_compilation_cache_dir
+        auto = args.compilation_cache == "auto"
+        inference.enable_compilation_cache(
+            given if auto and given else (None if auto else args.compilation_cache)
+        )
 
     mesh = parallel.mesh(data=-1) if args.shard else None
     options, _ = model_options(args)

@@ -8,7 +8,15 @@ module docstrings.
 """
 
 from jaxunlearn.eval import metrics, mia, report
-from jaxunlearn.eval.inference import EvalResult, TokenArrays, generate_answers, score_items
+from jaxunlearn.eval.inference import (
+    EvalResult,
+    TokenArrays,
+    collect_timings,
+    enable_compilation_cache,
+    generate_answers,
+    score_items,
+    score_packed,
+)
 from jaxunlearn.eval.metrics import (
     EPS,
     MODEL_UTILITY_KEYS,
@@ -75,9 +83,12 @@ __all__ = [
     "report",
     "EvalResult",
     "TokenArrays",
+    "collect_timings",
+    "enable_compilation_cache",
     "evaluate_multiple_choice",
     "evaluate_muse",
     "evaluate_tofu",
     "generate_answers",
     "score_items",
+    "score_packed",
 ]

@@ -17,12 +17,18 @@ array is held.
 
 Results are gathered with `jax.device_get`, so a mesh must span the devices of this one host
 (several hosts would need a process all-gather of the outputs first).
+
+`collect_timings` records where an evaluation's wall time goes (tokenising, compiling,
+scoring, generating, metrics), per named phase, without changing what is computed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -65,6 +71,150 @@ EVAL_BUCKETS: tuple[int, ...] = (
     3072,
     4096,
 )
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class PhaseTimings:
+    """Exclusive wall seconds per named phase of an evaluation, filled by `collect_timings`.
+
+    Phases nest (scoring a split tokenises first): a phase's time excludes the phases opened
+    inside it, and JAX compilation (tracing, lowering and XLA compilation, reported by
+    `jax.monitoring`) is moved out of the phase that triggered it into "compile", so the
+    phases add up to the wall time of the evaluation.
+
+    Attributes:
+      seconds: phase name -> exclusive seconds.
+      calls: phase name -> how many times it was entered (for "compile": compilations).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._stack: list[list[float]] = []  # per open phase: [start, child seconds]
+
+    def add(self, name: str, seconds: float) -> None:
+        """Adds `seconds` to phase `name` (and counts one call)."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def total(self) -> float:
+        """The sum over all phases."""
+        return sum(self.seconds.values())
+
+
+_TIMINGS: contextvars.ContextVar[PhaseTimings | None] = contextvars.ContextVar(
+    "jaxunlearn_eval_timings", default=None
+)
+# jax.monitoring event names whose durations are compilation work.
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_LISTENING = False
+
+
+def _on_jax_event(event: str, duration: float, **_: Any) -> None:
+    timings = _TIMINGS.get()
+    if timings is None or event not in _COMPILE_EVENTS:
+        return
+    timings.seconds["compile"] = timings.seconds.get("compile", 0.0) + duration
+    if event == _COMPILE_EVENTS[-1]:  # one XLA compilation (after its trace and lowering)
+        timings.calls["compile"] = timings.calls.get("compile", 0) + 1
+    if timings._stack:  # taken out of the phase that triggered the compilation
+        timings._stack[-1][1] += duration
+
+
+@contextlib.contextmanager
+def collect_timings(timings: PhaseTimings | None = None) -> Iterator[PhaseTimings]:
+    """Records the phases of the evaluation run inside the block into a `PhaseTimings`.
+
+    Example:
+      >>> from jaxunlearn.eval.inference import collect_timings, phase
+      >>> with collect_timings() as timings:
+      ...     with phase("metrics"):
+      ...         pass
+      >>> sorted(timings.seconds)
+      ['metrics']
+
+    Args:
+      timings: the collector to add to (default: a new one).
+
+    Yields:
+      The collector; read `timings.seconds` after the block.
+    """
+    global _LISTENING
+    if not _LISTENING:
+        jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
+        _LISTENING = True
+    timings = PhaseTimings() if timings is None else timings
+    token = _TIMINGS.set(timings)
+    try:
+        yield timings
+    finally:
+        _TIMINGS.reset(token)
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Times the block as phase `name` when a `collect_timings` block is active (else free)."""
+    timings = _TIMINGS.get()
+    if timings is None:
+        yield
+        return
+    frame = [time.perf_counter(), 0.0]
+    timings._stack.append(frame)
+    try:
+        yield
+    finally:
+        timings._stack.pop()
+        elapsed = time.perf_counter() - frame[0]
+        timings.add(name, elapsed - frame[1])
+        if timings._stack:
+            timings._stack[-1][1] += elapsed
+
+
+# ----------------------------------------------------------------------------- compile cache
+
+# Compilations faster than this are not written to the persistent cache (they would cost
+# about as much to read back as to redo).
+CACHE_MIN_COMPILE_SECS = 0.5
+
+
+def default_compilation_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/jaxunlearn/jax-compilation-cache`` (``~/.cache`` when unset)."""
+    import os
+
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "jaxunlearn" / "jax-compilation-cache"
+
+
+def enable_compilation_cache(
+    directory: str | Path | None = None, *, min_compile_secs: float = CACHE_MIN_COMPILE_SECS
+) -> Path:
+    """Keeps compiled XLA executables on disk, so a later process skips their compilation.
+
+    JAX's persistent compilation cache keys each executable by its program, shapes,
+    compiler options, backend and JAX version, so a stale entry is never used. Evaluating
+    many checkpoints of one architecture with the same buckets then compiles once, not once
+    per process. Call before the first compilation of the process (later calls may be
+    ignored by JAX); it sets process-wide JAX options.
+
+    Args:
+      directory: where to keep the executables (default `default_compilation_cache_dir`);
+        created if missing.
+      min_compile_secs: compilations faster than this are not stored.
+
+    Returns:
+      The cache directory.
+    """
+    path = Path(directory) if directory is not None else default_compilation_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+    return path
 
 
 class TokenArrays(NamedTuple):
@@ -368,6 +518,236 @@ def score_examples(
     return TokenArrays(targets=targets, **fields)
 
 
+# ----------------------------------------------------------------------------- packed scoring
+
+# Row length of `score_packed` (raised to fit the longest item): a TOFU question's prompt
+# and its seven answers fill most of one row.
+PACK_LENGTH = 512
+
+
+def _shared_prompts(examples: Sequence[Mapping[str, Any]]) -> list[tuple[int, list[int]]]:
+    """Groups examples whose unscored prompts are the same tokens: [(prefix length, members)].
+
+    An example's prefix is its tokens before the last unscored one ahead of its first scored
+    label: that last prompt token predicts the first answer token, so each answer keeps its
+    own copy. Examples with nothing to score are left out; those whose first label is scored
+    get an empty prefix and a group of their own.
+    """
+    groups: dict[bytes, tuple[int, list[int]]] = {}
+    alone = []
+    for index, example in enumerate(examples):
+        scored = np.flatnonzero(np.asarray(example["labels"]) != IGNORE_INDEX)
+        if scored.size == 0:
+            continue
+        prefix = int(scored[0]) - 1
+        if prefix < 1:
+            alone.append((0, [index]))
+            continue
+        key = np.asarray(example["input_ids"], np.int32)[:prefix].tobytes()
+        groups.setdefault(key, (prefix, []))[1].append(index)
+    return list(groups.values()) + alone
+
+
+def _pack_rows(
+    groups: list[tuple[int, list[int]]], lengths: Sequence[int], row_length: int
+) -> list[list[tuple[int, list[int]]]]:
+    """Packs each group's prompt and answers into rows of `row_length` tokens.
+
+    A group too long for one row is split (each part repeats the prompt); parts are placed
+    first-fit in decreasing length. Returns rows as lists of (prefix length, members).
+    """
+    pieces = []
+    for prefix, members in groups:
+        part, size = [], prefix
+        for index in members:
+            suffix = lengths[index] - prefix
+            if part and size + suffix > row_length:
+                pieces.append((size, prefix, part))
+                part, size = [], prefix
+            part.append(index)
+            size += suffix
+        pieces.append((size, prefix, part))
+    rows: list[list[tuple[int, list[int]]]] = []
+    free: list[int] = []
+    for size, prefix, part in sorted(pieces, key=lambda p: -p[0]):
+        row = next((r for r, room in enumerate(free) if room >= size), None)
+        if row is None:
+            rows.append([])
+            free.append(row_length)
+            row = len(rows) - 1
+        rows[row].append((prefix, part))
+        free[row] -= size
+    return rows
+
+
+def _packed_arrays(examples, rows, row_length, pad_id, ou_eos_masking):
+    """Host arrays of packed rows and, per example, where its answer tokens landed.
+
+    Each row holds prompts followed by their answers (the answer segment starts with the
+    prompt's last token). `segment` numbers the pieces of a row; `parent` is, for answer
+    tokens, the segment of their prompt (-2 otherwise); padding has segment -1.
+    """
+    n = len(rows)
+    arrays = {
+        "input_ids": np.full((n, row_length), pad_id, np.int32),
+        "labels": np.full((n, row_length), IGNORE_INDEX, np.int32),
+        "positions": np.zeros((n, row_length), np.int32),
+        "segment": np.full((n, row_length), -1, np.int32),
+        "parent": np.full((n, row_length), -2, np.int32),
+        "key_ok": np.zeros((n, row_length), np.int32),
+    }
+    where: dict[int, tuple[int, int, int, int]] = {}  # index -> (row, start, prefix, length)
+    for r, row in enumerate(rows):
+        col, segment = 0, 0
+        for prefix, members in row:
+            ids0 = np.asarray(examples[members[0]]["input_ids"], np.int32)
+            prompt_segment = segment
+            if prefix:
+                cols = slice(col, col + prefix)
+                arrays["input_ids"][r, cols] = ids0[:prefix]
+                arrays["positions"][r, cols] = np.arange(prefix)
+                arrays["segment"][r, cols] = segment
+                col, segment = col + prefix, segment + 1
+            for index in members:
+                ids = np.asarray(examples[index]["input_ids"], np.int32)
+                labels = np.asarray(examples[index]["labels"], np.int32)
+                length = len(ids) - prefix
+                cols = slice(col, col + length)
+                arrays["input_ids"][r, cols] = ids[prefix:]
+                arrays["labels"][r, cols] = labels[prefix:]
+                arrays["labels"][r, col] = IGNORE_INDEX  # the prompt's last token
+                arrays["positions"][r, cols] = np.arange(prefix, len(ids))
+                arrays["segment"][r, cols] = segment
+                if prefix:
+                    arrays["parent"][r, cols] = prompt_segment
+                where[index] = (r, col, prefix, length)
+                col, segment = col + length, segment + 1
+    real = arrays["segment"] >= 0
+    if ou_eos_masking:
+        real &= arrays["input_ids"] != pad_id
+    arrays["key_ok"] = real.astype(np.int32)
+    return arrays, where
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "stats", "chunk_size"))
+def _score_packed_batch(
+    state, input_ids, labels, positions, segment, parent, key_ok, *, graphdef, stats, chunk_size
+):
+    t = input_ids.shape[1]
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T(query), T(key)]
+    same = segment[:, None, :] == segment[:, :, None]
+    to_prompt = segment[:, None, :] == parent[:, :, None]
+    allowed = causal[None] & (same | to_prompt) & (key_ok[:, None, :] == 1)
+    model = nnx.merge(graphdef, state)
+    out = model(input_ids, allowed, position_ids=positions, return_logits=False)
+    return token_scores(out.head, labels, stats=stats, chunk_size=chunk_size)
+
+
+def score_packed(
+    model: nnx.Module,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 32,
+    row_length: int = PACK_LENGTH,
+    buckets: Sequence[int] = EVAL_BUCKETS,
+    mesh: jax.sharding.Mesh | None = None,
+    stats: bool = False,
+    pad_id: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ou_eos_masking: bool = False,
+) -> TokenArrays:
+    """`score_examples` with each shared prompt encoded once and no padding between items.
+
+    Examples whose unscored prompts are the same tokens (a TOFU question's answer, paraphrase
+    and perturbed answers) form a group; a group's prompt is laid out once in a row, followed
+    by each answer (which starts with the prompt's last token, the one that predicts the
+    first answer token). An attention mask lets every answer token see its own answer
+    causally and the prompt, nothing else; positions restart at the prompt length for each
+    answer. Every token therefore sees exactly the keys, values and RoPE positions it has in
+    `score_examples`, so the log-probs agree to float rounding, while the prompt is computed
+    once per group instead of once per answer and rows are packed full (first-fit
+    decreasing), so every batch has one shape: [rows, row_length].
+
+    Models with sliding-window layers (whose windows count slots, not positions) fall back
+    to `score_examples`.
+
+    Args:
+      model: a jaxunlearn causal LM.
+      examples: {"input_ids", "labels"} (labels -100 where not scored), as `score_examples`.
+      batch_size: the token budget per forward pass is `batch_size * 128` tokens (rows of
+        `row_length`), the same as `score_examples` over 128-token items.
+      row_length: tokens per packed row, raised to the bucket of the longest example.
+      buckets: the lengths `row_length` is rounded up to when raised.
+      mesh: split each batch over the mesh's batch axes.
+      stats: also return entropy moments and argmax matches.
+      pad_id: token id written into padding.
+      chunk_size: vocabulary columns per chunk of the float32 log-softmax.
+      ou_eos_masking: see `score_examples`: tokens equal to `pad_id` are hidden as keys.
+
+    Returns:
+      `TokenArrays` with one row per example, in order, laid out as `score_examples` does.
+
+    References:
+      The prompt-sharing mask is the "tree attention" of speculative decoding, e.g. Miao et
+      al., "SpecInfer", 2023, arXiv:2305.09781.
+    """
+    if not examples:
+        raise ValueError("score_packed got no examples to score")
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0)
+    if config is not None and any(config.is_sliding(i) for i in range(layers)):
+        return score_examples(
+            model,
+            examples,
+            batch_size=batch_size,
+            buckets=buckets,
+            mesh=mesh,
+            stats=stats,
+            pad_id=pad_id,
+            chunk_size=chunk_size,
+            ou_eos_masking=ou_eos_masking,
+        )
+    lengths = [len(e["input_ids"]) for e in examples]
+    row_length = max(int(row_length), bucket_length(max(lengths), buckets))
+    plan = _pack_rows(_shared_prompts(examples), lengths, row_length)
+    ways = _ways(mesh)
+    per_call = max(1, (batch_size * 128) // row_length)
+    per_call = -(-min(per_call, 1 << max(len(plan) - 1, 0).bit_length()) // ways) * ways
+    graphdef, state = nnx.split(model)
+    pending = []
+    for start in range(0, len(plan), per_call):
+        rows = plan[start : start + per_call]
+        rows = rows + [[] for _ in range(per_call - len(rows))]
+        host, where = _packed_arrays(examples, rows, row_length, pad_id, ou_eos_masking)
+        batch = parallel.place_batch(host, mesh)
+        out = _score_packed_batch(
+            state, **batch, graphdef=graphdef, stats=stats, chunk_size=chunk_size
+        )
+        pending.append((where, out))
+    return _unpack(examples, lengths, pending, stats)
+
+
+def _unpack(examples, lengths, pending, stats: bool) -> TokenArrays:
+    """Scatters packed-row scores back to one `score_examples`-layout row per example."""
+    width = max(lengths) - 1
+    n = len(examples)
+    names = ["logprob", "mask"] + (["entropy_mean", "entropy_std", "argmax_match"] if stats else [])
+    fields = {name: np.zeros((n, width), np.float32) for name in names}
+    for where, out in pending:
+        host = jax.device_get(out)
+        for index, (row, start, prefix, length) in where.items():
+            # Packed column start + j predicts answer token j + 1, i.e. item column prefix + j.
+            for name, array in fields.items():
+                array[index, prefix : prefix + length - 1] = np.asarray(getattr(host, name))[
+                    row, start : start + length - 1
+                ]
+    targets = np.full((n, width), IGNORE_INDEX, np.int32)
+    for i, example in enumerate(examples):
+        labels = np.asarray(example["labels"], np.int32)[1:]
+        targets[i, : len(labels)] = labels
+    return TokenArrays(targets=targets, **fields)
+
+
 def score_items(
     model: nnx.Module,
     tokenizer: Any,
@@ -381,6 +761,7 @@ def score_items(
     max_length: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ou_eos_masking: bool = False,
+    packed: bool = False,
 ) -> TokenArrays:
     """Per-token log-probs of QA answers (with EOS) or texts under `model`, batched and jitted.
 
@@ -398,6 +779,8 @@ def score_items(
       max_length: most tokens per item (default: the largest bucket).
       chunk_size: vocabulary columns per chunk of the float32 log-softmax.
       ou_eos_masking: see `score_examples`.
+      packed: score with `score_packed` (each shared prompt once, rows packed full, one
+        shape) instead of `score_examples`; same numbers to float rounding.
 
     Returns:
       `TokenArrays`, row i = item i. Feed `logprob` / `mask` to `eval.metrics` and `eval.mia`.
@@ -405,8 +788,9 @@ def score_items(
     if not items:
         raise ValueError("score_items got no items to score")
     max_length = int(max_length or max(buckets))
-    examples = tokenize_items(tokenizer, items, fmt, max_length=max_length)
-    return score_examples(
+    with phase("tokenize"):
+        examples = tokenize_items(tokenizer, items, fmt, max_length=max_length)
+    return (score_packed if packed else score_examples)(
         model,
         examples,
         batch_size=batch_size,
@@ -444,6 +828,7 @@ def generate_tokens(
     buckets: Sequence[int] = EVAL_BUCKETS,
     mesh: jax.sharding.Mesh | None = None,
     ou_eos_masking: bool = False,
+    one_length: bool = False,
 ) -> list[np.ndarray]:
     """Greedy new tokens for each tokenised prompt, cut before the first EOS.
 
@@ -460,6 +845,9 @@ def generate_tokens(
       buckets: allowed padded prompt lengths.
       mesh: shard the prompts over this mesh.
       ou_eos_masking: see `score_examples` (here: EOS-valued prompt tokens are masked).
+      one_length: left-pad every prompt to the bucket of the longest one, so the whole call
+        compiles once and only its last batch has filler rows (the extra padding is masked
+        and moves no position, so the tokens are the same).
 
     Returns:
       One int32 array per prompt: the generated tokens before the first EOS.
@@ -476,6 +864,8 @@ def generate_tokens(
             )
     eos = [int(e) for e in np.atleast_1d(eos_token_id)]
     examples = [{"input_ids": np.asarray(p, np.int32)} for p in prompts]
+    if one_length:
+        buckets = (bucket_length(max(lengths), buckets),)
     pending = []
     for bucket, rows, indices in _groups(lengths, buckets, batch_size, _ways(mesh)):
         batch = pad_to_bucket(
@@ -535,6 +925,7 @@ def generate_answers(
     eos_token_id: int | Sequence[int] | None = None,
     strip: bool = True,
     ou_eos_masking: bool = False,
+    one_length: bool = False,
 ) -> list[str]:
     """Greedy answers to questions, as open-unlearning's ROUGE metrics generate them.
 
@@ -559,6 +950,7 @@ def generate_answers(
         `eos_token_ids` for a model's extra stop tokens).
       strip: strip surrounding whitespace (open-unlearning does).
       ou_eos_masking: see `score_examples`.
+      one_length: see `generate_tokens`.
 
     Returns:
       One decoded answer per question, in order.
@@ -568,34 +960,60 @@ def generate_answers(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = eos_token_ids(tokenizer) if eos_token_id is None else eos_token_id
-    prompts = [encode_prompt(tokenizer, q, fmt, few_shot=few_shot) for q in questions]
+    with phase("tokenize"):
+        prompts = [encode_prompt(tokenizer, q, fmt, few_shot=few_shot) for q in questions]
+    with phase("generate"):
+        return _generate_and_decode(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            eos=eos,
+            stop_strings=stop_strings,
+            batch_size=batch_size,
+            buckets=buckets,
+            mesh=mesh,
+            strip=strip,
+            ou_eos_masking=ou_eos_masking,
+            one_length=one_length,
+        )
+
+
+def _generate_and_decode(
+    model, tokenizer, prompts, *, max_new_tokens, eos, stop_strings, strip, **kwargs
+) -> list[str]:
     tokens = generate_tokens(
         model,
         prompts,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=pad_token_id(tokenizer),
-        batch_size=batch_size,
-        buckets=buckets,
-        mesh=mesh,
-        ou_eos_masking=ou_eos_masking,
+        **kwargs,
     )
     return [decode_generation(tokenizer, t, stop_strings, strip=strip) for t in tokens]
 
 
 __all__ = [
+    "CACHE_MIN_COMPILE_SECS",
     "EVAL_BUCKETS",
+    "PACK_LENGTH",
     "EvalResult",
+    "PhaseTimings",
     "TokenArrays",
     "as_token_scores",
+    "collect_timings",
+    "default_compilation_cache_dir",
+    "enable_compilation_cache",
     "decode_generation",
     "eos_token_ids",
     "generate_answers",
     "generate_tokens",
     "make_result",
     "pad_token_id",
+    "phase",
     "score_examples",
     "score_items",
+    "score_packed",
     "target_texts",
     "tokenize_items",
 ]

@@ -52,8 +52,8 @@ from jaxunlearn.data import (
     tofu_holdout_split,
     tofu_perturbed_split,
 )
+from jaxunlearn.eval import inference, mia, report
 from jaxunlearn.eval import metrics as M
-from jaxunlearn.eval import mia, report
 from jaxunlearn.eval.inference import (
     EVAL_BUCKETS,
     EvalResult,
@@ -298,6 +298,7 @@ def evaluate_tofu(
     model_path: str | None = None,
     rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     ou_eos_masking: bool = False,
+    packed: bool = True,
 ) -> EvalResult:
     """Evaluates a model on TOFU with open-unlearning's metrics (TOFU paper, arXiv 2401.06121).
 
@@ -330,6 +331,12 @@ def evaluate_tofu(
       ou_eos_masking: open-unlearning's attention mask (input_ids != pad): with pad = EOS it
         also hides EOS-valued tokens inside prompts (Llama-3's ``<|eot_id|>``); see
         `inference.score_examples`. Off by default; recorded in the metadata.
+      packed: teacher-forced scoring with `inference.score_packed`: each question's prompt
+        is encoded once for its answer, paraphrase and perturbed answers, and rows are packed
+        without padding into one shape. False scores each (question, answer) on its own
+        (`inference.score_examples`); the numbers agree to float rounding. It also left-pads
+        all generation prompts to one length (`inference.generate_tokens(one_length=True)`):
+        one compilation for the ROUGE generations.
 
     Returns:
       `EvalResult(logs, summary, metadata)`; `result.write(out_dir, "TOFU")` writes the
@@ -360,11 +367,12 @@ def evaluate_tofu(
         oracle = _load_oracle(retain_logs, ids["forget"], expected, "forget_quality" in needed)
 
     common = dict(batch_size=batch_size, buckets=buckets, mesh=mesh, ou_eos_masking=ou_eos_masking)
-    scored = _score_blocks(model, tokenizer, fmt, data, needed, common, forget_name)
+    scored = _score_blocks(model, tokenizer, fmt, data, needed, common, forget_name, packed)
     logs: dict[str, Any] = {}
-    for prefix in ("forget", *_QA_SETS):
-        if f"{prefix}/perturbed" in scored:
-            logs.update(_qa_entries(prefix, ids[prefix], scored))
+    with inference.phase("metrics"):
+        for prefix in ("forget", *_QA_SETS):
+            if f"{prefix}/perturbed" in scored:
+                logs.update(_qa_entries(prefix, ids[prefix], scored))
     logs.update(
         _generation_metrics(
             model,
@@ -376,21 +384,23 @@ def evaluate_tofu(
             common,
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_id,
+            one_length=packed,
         )
     )
-    if "model_utility" in needed:
-        values = {k: logs[k]["agg_value"] for k in M.MODEL_UTILITY_KEYS}
-        logs["model_utility"] = {"agg_value": M.model_utility(values)}
-    if "forget_quality" in needed:
-        fq = None if oracle is None else report.forget_quality_from_logs(logs, oracle)
-        logs["forget_quality"] = {"agg_value": fq}
-    logs.update(_memorisation_entries(scored, ids, needed))
-    privleak_ref = None
-    if needed & set(_MIA):
-        mia_logs, privleak_ref = _mia_entries(
-            model, tokenizer, fmt, data, ids, needed, common, scored, oracle, reference_model
-        )
-        logs.update(mia_logs)
+    with inference.phase("metrics"):
+        if "model_utility" in needed:
+            values = {k: logs[k]["agg_value"] for k in M.MODEL_UTILITY_KEYS}
+            logs["model_utility"] = {"agg_value": M.model_utility(values)}
+        if "forget_quality" in needed:
+            fq = None if oracle is None else report.forget_quality_from_logs(logs, oracle)
+            logs["forget_quality"] = {"agg_value": fq}
+        logs.update(_memorisation_entries(scored, ids, needed))
+        privleak_ref = None
+        if needed & set(_MIA):
+            mia_logs, privleak_ref = _mia_entries(
+                model, tokenizer, fmt, data, ids, needed, common, scored, oracle, reference_model
+            )
+            logs.update(mia_logs)
     metadata = report.eval_metadata(
         benchmark="TOFU",
         model_path=model_path or "",
@@ -485,27 +495,30 @@ def _qa(rows: list[dict], key: str = "answer") -> list[dict]:
 
 
 def _score_blocks(
-    model, tokenizer, fmt, data, needed, common, forget_name: str
+    model, tokenizer, fmt, data, needed, common, forget_name: str, packed: bool
 ) -> dict[str, TokenArrays]:
-    """Scores every answer the needed metrics use, in two batched calls (with / without the
-    entropy and argmax statistics); returns block name -> arrays, perturbed as [N, K, L]."""
-    plain, with_stats, per_item = _Blocks(), _Blocks(), {}
+    """Scores every answer the needed metrics use, one batched call per split (the timing
+    phase ``score/<split>``), so a question's answer, paraphrase and perturbed answers share
+    its prompt (`inference.score_packed`); returns block name -> arrays, perturbed [N, K, L].
+
+    The forget split is scored with the entropy and argmax statistics when a memorisation
+    or MIA metric needs them for its answers; the holdout answers always are.
+    """
     stats_for_forget = bool(needed & {"extraction_strength", "exact_memorization", *_MIA})
     sets = {"forget": (forget_name, "paraphrased_answer"), **_QA_SETS}
+    out = {}
     for prefix, (split, correct_key) in sets.items():
         # ROUGE needs generations only; every other metric of a split needs its scores.
         if prefix not in data or not any(
             n.startswith(prefix + "_") and not n.endswith("_ROUGE") for n in needed
         ):
             continue
-        rows = data[prefix]
-        if not (prefix == "forget" and stats_for_forget):
-            plain.add(f"{prefix}/answer", _qa(rows))
+        rows, blocks = data[prefix], _Blocks()
+        blocks.add(f"{prefix}/answer", _qa(rows))
         if correct_key != "answer":
-            plain.add(f"{prefix}/correct", _qa(rows, correct_key))
+            blocks.add(f"{prefix}/correct", _qa(rows, correct_key))
         perturbed = _perturbed(rows, split)
-        per_item[f"{prefix}/perturbed"] = len(perturbed[0])
-        plain.add(
+        blocks.add(
             f"{prefix}/perturbed",
             [
                 {"question": r["question"], "answer": a}
@@ -513,16 +526,24 @@ def _score_blocks(
                 for a in ans
             ],
         )
-    if stats_for_forget:
-        with_stats.add("forget/answer", _qa(data["forget"]))
+        stats = prefix == "forget" and stats_for_forget
+        with inference.phase(f"score/{prefix}"):
+            arrays = score_items(
+                model, tokenizer, blocks.items, fmt, stats=stats, packed=packed, **common
+            )
+        for name in blocks.spans:
+            per_item = len(perturbed[0]) if name.endswith("/perturbed") else 1
+            out[name] = blocks.take(arrays, name, per_item)
+    if stats_for_forget and "forget/answer" not in out:
+        with inference.phase("score/forget"):
+            out["forget/answer"] = score_items(
+                model, tokenizer, _qa(data["forget"]), fmt, stats=True, packed=packed, **common
+            )
     if "holdout" in data:
-        with_stats.add("holdout/answer", _qa(data["holdout"]))
-    out = {}
-    for blocks, stats in ((plain, False), (with_stats, True)):
-        if blocks.items:
-            arrays = score_items(model, tokenizer, blocks.items, fmt, stats=stats, **common)
-            for name in blocks.spans:
-                out[name] = blocks.take(arrays, name, per_item.get(name, 1))
+        with inference.phase("score/holdout"):
+            out["holdout/answer"] = score_items(
+                model, tokenizer, _qa(data["holdout"]), fmt, stats=True, packed=packed, **common
+            )
     return out
 
 
@@ -549,7 +570,7 @@ def _qa_entries(prefix: str, ids: list[str], scored: dict[str, TokenArrays]) -> 
 
 
 def _generation_metrics(
-    model, tokenizer, fmt, data, ids, needed, common, *, max_new_tokens, eos_token_id
+    model, tokenizer, fmt, data, ids, needed, common, *, max_new_tokens, eos_token_id, one_length
 ) -> dict[str, Any]:
     """ROUGE-L recall of greedy answers on every split whose ROUGE metric is needed."""
     prefixes = [p for p in ("forget", *_QA_SETS) if f"{p}_Q_A_ROUGE" in needed]
@@ -564,8 +585,14 @@ def _generation_metrics(
         fmt,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
+        one_length=one_length,
         **common,
     )
+    with inference.phase("metrics"):
+        return _rouge_entries(prefixes, data, ids, questions, answers, generations)
+
+
+def _rouge_entries(prefixes, data, ids, questions, answers, generations) -> dict[str, Any]:
     logs, start = {}, 0
     for prefix in prefixes:
         stop = start + len(data[prefix])

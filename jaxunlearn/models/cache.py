@@ -84,14 +84,31 @@ def attention_mask_bts(
     builds it (`kv_idx <= q_idx` and the padding mask); with `sliding_window` W also
     `kv_idx > q_idx - W` (`sliding_window_overlay`).
 
+    A [B, T, T] `attention_mask` is taken as the allowed matrix itself (no cache): several
+    sequences packed into one row, each attending only within itself and to a shared prompt
+    (`jaxunlearn.eval.inference.score_packed`).
+
     Args:
-      attention_mask: [B, T] 1 for real tokens among the T new ones.
+      attention_mask: [B, T] 1 for real tokens among the T new ones, or a [B, T, T] boolean
+        "query t may attend to key s" matrix.
       cache: the cache being extended, or None for a plain forward pass (S == T).
       sliding_window: W, or None for full causal attention.
 
     Returns:
       (allowed [B, T, S] bool, key_mask [B, S] int32 after writing the new tokens).
+
+    Raises:
+      ValueError: a [B, T, T] mask with a cache or a sliding window (slots then need not be
+        positions, so neither is defined).
     """
+    if attention_mask.ndim == 3:
+        if cache is not None or sliding_window is not None:
+            raise ValueError(
+                "a [B, T, T] attention mask works only without a KV cache and without "
+                "sliding-window layers; pass a [B, T] padding mask instead"
+            )
+        allowed = attention_mask.astype(bool)
+        return allowed, jnp.any(allowed, axis=1).astype(jnp.int32)
     t = attention_mask.shape[1]
     mask = attention_mask.astype(jnp.int32)
     if cache is None:

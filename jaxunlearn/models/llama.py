@@ -234,7 +234,8 @@ class LlamaForCausalLM(nnx.Module):
 
         Args:
           input_ids: [B, T] token ids.
-          attention_mask: [B, T], 1 for real tokens, 0 for padding (default all ones).
+          attention_mask: [B, T], 1 for real tokens, 0 for padding (default all ones); or,
+            without a cache, a [B, T, T] boolean allowed matrix (`cache.attention_mask_bts`).
           position_ids: [B, T] RoPE positions. Default as transformers' forward: 0..T-1 for
             every row (also for left-padded rows), offset by `cache.index` with a cache.
           hidden_layers: decoder layers whose outputs to return (0-based; layer l is HF
