@@ -163,6 +163,21 @@ class Gate:
     def times(self, fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
         return self.rounds(fns, reps, warmup)[0]
 
+    def once(self, fn) -> tuple[float, object]:
+        """Times a call that cannot be repeated (a cold, compiling call): waits for quiet,
+        runs it once and records the load meanwhile. Returns (seconds, fn's value)."""
+        other = OtherProcessCPU()
+        wait_for_quiet(self.gate if other.available else None, self.deadline, other)
+        out = {}
+
+        def call():
+            t0 = time.perf_counter()
+            out["value"] = fn()
+            out["s"] = time.perf_counter() - t0
+
+        self.others.append(other.measure(call))
+        return out["s"], out["value"]
+
     def record(self) -> dict:
         return gate_record(self.gate, self.others, self.max_wait)
 
