@@ -79,7 +79,12 @@ def main(argv=None) -> None:
         "wall_s": wall,
         "cpu_s": facts["cpu_s"],
         "quiet_gate": quiet,
-        "demo_command": " ".join(["jaxunlearn", *cmd[3:]]),
+        # The command as a user types it; --out and a fresh --cache-dir are temporary folders.
+        "demo_command": " ".join(
+            ["jaxunlearn", "demo", "--preset", args.preset]
+            + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
+            + (["--methods", args.methods] if args.methods else [])
+        ),
     }
     print(f"jaxunlearn demo --preset {args.preset}: {wall:.1f} s wall, {facts['cpu_s']:.1f} s CPU")
     print(f"quiet gate {'held' if quiet['held'] else 'NOT HELD'}: {quiet['reason']}")

@@ -127,7 +127,8 @@ def run_one(b: Bench, results: Path, quick: bool, gate_args: list[str]) -> dict:
     out = results / f"{b.name}.json"
     log = results / "logs" / f"{b.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, *b.command(quick), "--json-out", str(out)]
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out  # the JSON's "command"
+    cmd = [sys.executable, *b.command(quick), "--json-out", str(shown)]
     if b.group != "heavy" and b.script not in ("bench_plan.py", "bench_accelerator.py"):
         cmd += gate_args
     env = {
@@ -179,6 +180,9 @@ def main(argv=None) -> None:
         runs_path = results / "runs.json"
         runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
         for b in selected(args):
+            if args.quick and b.quick is None:
+                print(f"{b.name}: no smoke-run size, skipped by --quick", flush=True)
+                continue
             runs[b.name] = run_one(b, results, args.quick, gate_args)
             runs_path.write_text(json.dumps(runs, indent=2) + "\n")
     render_file(TEMPLATE, out, results, {b.name: how_to(b) for b in BENCHES})
