@@ -102,6 +102,7 @@ def test_loaded_run_marks_every_ratio_and_judges_no_target(tmp_path):
     assert "0.85× **loaded**" in text and "1.13× **loaded**" in text
     assert "0.78× **loaded**" in text
     assert "not judged (0.85× on a loaded machine)" in text
+    assert "not judged (76% on a loaded machine)" in text and "met (76%)" not in text
 
 
 def test_missing_json_and_missing_fragment_give_clear_notes(tmp_path):
