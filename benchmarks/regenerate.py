@@ -114,8 +114,9 @@ def how_to(b: Bench) -> str:
 
 # Results that regenerate.py does not produce from the current code, and how they were made.
 ONE_OFF = {
-    "bench_demo_before": "git checkout 6eab679 && python benchmarks/bench_demo.py --preset small "
-    "--json-out benchmarks/results/bench_demo_before.json (bench_demo.py from a later commit)",
+    "bench_demo_before": "git checkout 6eab679 -- jaxunlearn && python benchmarks/bench_demo.py "
+    "--preset small --json-out benchmarks/results/bench_demo_before.json && "
+    "git checkout HEAD -- jaxunlearn",
 }
 
 
