@@ -12,6 +12,9 @@ under 5 minutes in total.
     python benchmarks/bench_accelerator.py                    # GPU / TPU
     python benchmarks/bench_accelerator.py --smoke            # tiny model, any backend (CPU)
     python benchmarks/bench_accelerator.py --peak-tflops 989  # a device missing from the table
+    python benchmarks/bench_accelerator.py --json-out benchmarks/results/bench_accelerator.json
+
+No torch side, so no quiet gate: an accelerator is not shared the way the CPU box is.
 
 References:
   Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", 2022,
@@ -27,6 +30,7 @@ import time
 
 import jax
 import numpy as np
+from _quiet import add_json_arg, write_json  # noqa: E402  (benchmarks/ is on sys.path)
 from flax import nnx
 
 from jaxunlearn import parallel, plan, recipes, train
@@ -125,6 +129,7 @@ def main() -> None:
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--methods", nargs="+", default=["gu_npo", "graddiff"])
     parser.add_argument("--peak-tflops", type=float, default=None)
+    add_json_arg(parser)
     args = parser.parse_args()
     if args.smoke:
         cfg = ModelConfig.from_hf_dict(SMOKE_MODEL)
@@ -140,14 +145,16 @@ def main() -> None:
     rows = [time_method(m, cfg, args, policy, batch) for m in args.methods]
     for row in rows:
         row["mfu"] = None if peak is None else row["model_tflops_per_s"] * 1e12 / peak
-    print(json.dumps({
+    result = {
         "benchmark": "bench_accelerator", "model": name, "device": device.device_kind,
         "backend": jax.default_backend(), "jax": jax.__version__, "precision": policy.name,
         "remat": args.remat, "attention": args.attention, "batch": args.batch, "seq": args.seq,
         "steps": args.steps, "peak_device_flops": peak, "methods": rows,
         "peak_memory_bytes": peak_memory_bytes(device),
         "total_s": round(time.perf_counter() - started, 1),
-    }))  # fmt: skip
+    }  # fmt: skip
+    print(json.dumps(result))
+    write_json(args.json_out, result)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ temporary bytes; for LoRA the frozen base is among the arguments).
 
     python benchmarks/bench_lora.py                 # benchmark size
     python benchmarks/bench_lora.py --quick         # tiny smoke run
+    python benchmarks/bench_lora.py --json-out benchmarks/results/bench_lora.json
+
+The four steps are timed only while other processes leave the CPUs idle (`--gate`, as in
+bench_model.py); when the gate's deadline passes the ratios are stored marked "loaded".
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench_model import _interleaved_times, add_model_args, apply_quick, hf_config  # noqa: E402
+from _quiet import Gate, add_gate_args, add_json_arg, ratio_entry, write_json
+from bench_model import add_model_args, apply_quick, hf_config  # noqa: E402
 from flax import nnx
 
 from jaxunlearn import objectives, train
@@ -126,7 +131,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5, help="timed rounds (median)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    add_json_arg(p)
+    add_gate_args(p)
     args = p.parse_args(argv)
     apply_quick(args)
 
@@ -160,19 +166,20 @@ def main(argv=None):
     t_full, t_full_facts = torch_step(base, forget_t, retain_t, args.lr)
     t_lora, t_lora_facts = torch_step(peft_model, forget_t, retain_t, args.lr)
 
-    times, others = _interleaved_times(
+    gate = Gate(args.gate, args.max_wait)
+    times = gate.times(
         {"jax_full": j_full, "jax_lora": j_lora, "torch_full": t_full, "torch_lora": t_lora},
         args.reps,
-        gate=None,
-        deadline=0.0,
     )
+    quiet = gate.record()
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        "benchmark": "bench_lora",
+        "quiet_gate": quiet,
+        "backend": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
         f"{jax.device_count()} {jax.default_backend()} device(s), torch threads "
         f"{torch.get_num_threads()}, peft {peft.__version__}",
         "load_avg_1min_before_after": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
-        "other_processes_cpu_max": max((x for x in others if x == x), default=float("nan")),
         "shape": f"vocab {args.vocab}, hidden {args.hidden}, intermediate {args.intermediate}, "
         f"layers {args.layers}, heads {args.heads}/{args.kv_heads}; forget+retain "
         f"{args.batch}x{args.seq} each; LoRA r={args.rank} alpha={args.alpha} on {TARGETS}",
@@ -191,13 +198,14 @@ def main(argv=None):
             "step_s_all": times[name],
             **facts[name],
         }
-    res["lora_speedup_jax"] = med["jax_full"] / med["jax_lora"]
-    res["lora_speedup_torch"] = med["torch_full"] / med["torch_lora"]
-    res["lora_jax_vs_torch"] = med["torch_lora"] / med["jax_lora"]
+    res["ratios"] = {  # every ratio carries the gate's verdict ("quiet" or "loaded")
+        "lora_speedup_jax": ratio_entry(med["jax_full"] / med["jax_lora"], quiet),
+        "lora_speedup_torch": ratio_entry(med["torch_full"] / med["torch_lora"], quiet),
+        "lora_jax_vs_torch": ratio_entry(med["torch_lora"] / med["jax_lora"], quiet),
+        "full_jax_vs_torch": ratio_entry(med["torch_full"] / med["jax_full"], quiet),
+    }
+    write_json(args.json_out, res)
     print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
 
 
 if __name__ == "__main__":

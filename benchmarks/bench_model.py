@@ -12,6 +12,7 @@ step's model FLOPs (6 * params * tokens) are reported as a fraction of it.
     python benchmarks/bench_model.py            # the issue's size (about 2 minutes on 2 cores)
     python benchmarks/bench_model.py --quick    # tiny smoke run
     python benchmarks/bench_model.py --profile /tmp/trace   # also: per-op profile of the step
+    python benchmarks/bench_model.py --json-out benchmarks/results/bench_model.json
 
 XLA flags are left at their defaults; set `XLA_FLAGS` in the environment to try others
 (benchmarks/README.md lists the ones measured).
@@ -27,85 +28,30 @@ import os
 import platform
 import re
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _quiet import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+    Gate,
+    OtherProcessCPU,
+    _interleaved_times,
+    add_gate_args,
+    add_json_arg,
+    format_ratio,
+    ratio_entry,
+    write_json,
+)
 from flax import nnx
 
 from jaxunlearn.models import ModelConfig, build_model
 
-
-class _OtherCpu:
-    """CPU used by *other* processes, as a fraction of all cores (Linux /proc/stat).
-
-    Busy ticks of the whole machine minus this process's own CPU time, over a window.
-    """
-
-    def __init__(self):
-        self.available = os.path.exists("/proc/stat")
-        self._hz = os.sysconf("SC_CLK_TCK") if self.available else 1
-
-    def _busy_s(self) -> float:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return (sum(ticks) - ticks[3] - ticks[4]) / self._hz  # all but idle and iowait
-
-    def measure(self, fn) -> float:
-        """Runs fn() and returns the other processes' mean CPU share meanwhile (nan if unknown)."""
-        if not self.available:
-            fn()
-            return float("nan")
-        b0, c0, w0 = self._busy_s(), time.process_time(), time.perf_counter()
-        fn()
-        b1, c1, w1 = self._busy_s(), time.process_time(), time.perf_counter()
-        if w1 - w0 < 0.25:  # /proc/stat counts 10 ms ticks: too coarse for short windows
-            return float("nan")
-        return max(0.0, (b1 - b0) - (c1 - c0)) / os.cpu_count() / (w1 - w0)
+__all__ = ["OtherProcessCPU", "_interleaved_times", "add_model_args", "apply_quick", "hf_config"]
 
 
-def _interleaved_times(
-    fns: dict, reps: int, *, gate: float | None, deadline: float, warmup: int = 1
-) -> tuple[dict[str, list[float]], list[float]]:
-    """Seconds per call of each function, alternating the order every round.
-
-    With `gate`, a round starts only once other processes use less than that share of the
-    CPUs, and a round during which they used more is discarded and repeated, until
-    `deadline` (time.monotonic()); after it, rounds are kept whatever the load.
-
-    Returns:
-      (times per function name, other processes' CPU share during each kept round).
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    other = _OtherCpu()
-    gate = gate if other.available else None
-    times = {name: [] for name in fns}
-    others = []
-    names = list(fns)
-    while len(others) < reps:
-        order = names if len(others) % 2 == 0 else names[::-1]
-        if gate is not None:
-            while time.monotonic() < deadline and other.measure(lambda: time.sleep(0.5)) > gate:
-                pass
-        round_times = {}
-
-        def run_round(order=order, round_times=round_times):
-            for name in order:
-                t0 = time.perf_counter()
-                fns[name]()
-                round_times[name] = time.perf_counter() - t0
-
-        share = other.measure(run_round)
-        if gate is not None and share > gate and time.monotonic() < deadline:  # nan passes
-            continue  # disturbed: repeat the round
-        for name, t in round_times.items():
-            times[name].append(t)
-        others.append(share)
-    return times, others
+# The gate lives in _quiet.py; these names stay importable from here (bench_eval uses them).
+_OtherCpu = OtherProcessCPU
 
 
 def matmul_fns(n: int = 2048, k: int = 3) -> dict:
@@ -153,6 +99,8 @@ def apply_quick(args) -> None:
     if args.quick:
         args.vocab, args.hidden, args.intermediate, args.layers = 256, 64, 128, 2
         args.heads, args.kv_heads, args.batch, args.seq, args.reps = 4, 2, 2, 32, 2
+        if hasattr(args, "matmul_n"):
+            args.matmul_n = 256
 
 
 def hf_config(args, **extra):
@@ -273,22 +221,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmuls")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    add_json_arg(p)
     p.add_argument("--profile", metavar="DIR", help="trace 3 JAX train steps into DIR")
-    p.add_argument(
-        "--gate",
-        type=float,
-        default=0.05,
-        help="time only while other processes use less than this share of the CPUs "
-        "(Linux; 0 disables). On a shared machine their load skews the ratio (README.md)",
-    )
-    p.add_argument(
-        "--max-wait",
-        type=float,
-        default=900.0,
-        help="seconds to wait in total for quiet; afterwards time whatever the load",
-    )
+    add_gate_args(p)
     args = p.parse_args(argv)
     apply_quick(args)
 
@@ -296,58 +233,57 @@ def main(argv=None):
     hf_cfg = hf_config(args)
     tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq), np.int32)
     tok = args.batch * args.seq
-    n_mm, k_mm = 2048, 3
-    gate = None if args.gate <= 0 else args.gate
-    deadline = time.monotonic() + args.max_wait
-    mm, _ = _interleaved_times(
-        matmul_fns(n_mm, k_mm), max(args.reps, 5), gate=gate, deadline=deadline
-    )
+    n_mm, k_mm = args.matmul_n, 3
+    gate = Gate(args.gate, args.max_wait)
+    mm = gate.times(matmul_fns(n_mm, k_mm), max(args.reps, 5))
     n_params, j_fwd, j_step = jax_fns(hf_cfg.to_dict(), tokens)
     threads, t_fwd, t_step = torch_fns(hf_cfg, tokens)
-    fwd, fwd_others = _interleaved_times(
-        {"jax": j_fwd, "torch": t_fwd}, args.reps, gate=gate, deadline=deadline
-    )
-    step, step_others = _interleaved_times(
-        {"jax": j_step, "torch": t_step}, args.reps, gate=gate, deadline=deadline
-    )
+    fwd = gate.times({"jax": j_fwd, "torch": t_fwd}, args.reps)
+    step = gate.times({"jax": j_step, "torch": t_step}, args.reps)
     f_med = {k: statistics.median(v) for k, v in fwd.items()}
     s_med = {k: statistics.median(v) for k, v in step.items()}
     peak = {k: 2 * k_mm * n_mm**3 / statistics.median(v) for k, v in mm.items()}
     step_flops = 6 * n_params * tok
+    quiet = gate.record()
     res = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-        f"{jax.device_count()} {jax.default_backend()} device(s), torch threads {threads}",
+        "benchmark": "bench_model",
+        "backend": f"{jax.device_count()} {jax.default_backend()} device(s), "
+        f"torch threads {threads}, {platform.machine()}",
         "load_avg_1min_before_after": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
-        # Share of all CPUs that other processes used while the kept repetitions ran.
-        "other_processes_cpu_max": max(
-            (x for x in fwd_others + step_others if x == x), default=0.0
-        ),
-        "quiet_gate": "off"
-        if gate is None
-        else f"{gate:.2f}"
-        + (" (deadline passed: some reps ran under load)" if time.monotonic() > deadline else ""),
+        "quiet_gate": quiet,
+        "shape": f"vocab {args.vocab}, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"{args.layers} layers, {args.heads} heads / {args.kv_heads} kv heads, "
+        f"batch {args.batch} x {args.seq}, float32",
         "params": n_params,
         "tokens_per_step": tok,
+        "matmul": f"{k_mm} x {n_mm}^3 float32 per call",
         "jax_forward_tok_s": tok / f_med["jax"],
         "torch_forward_tok_s": tok / f_med["torch"],
-        "forward_ratio": f_med["torch"] / f_med["jax"],
         "jax_train_tok_s": tok / s_med["jax"],
         "torch_train_tok_s": tok / s_med["torch"],
-        "train_ratio": s_med["torch"] / s_med["jax"],
-        "train_ratio_best_times": min(step["torch"]) / min(step["jax"]),
         "jax_matmul_gflops": peak["jax"] / 1e9,
         "torch_matmul_gflops": peak["torch"] / 1e9,
         "train_step_model_gflops": step_flops / s_med["jax"] / 1e9,
         "train_step_fraction_of_matmul": step_flops / s_med["jax"] / peak["jax"],
         "torch_train_step_model_gflops": step_flops / s_med["torch"] / 1e9,
         "torch_train_step_fraction_of_torch_matmul": step_flops / s_med["torch"] / peak["torch"],
+        "ratios": {  # torch time / JAX time: > 1 means JAX is faster
+            "forward": ratio_entry(f_med["torch"] / f_med["jax"], quiet),
+            "train": ratio_entry(s_med["torch"] / s_med["jax"], quiet),
+            "train_best_times": ratio_entry(min(step["torch"]) / min(step["jax"]), quiet),
+        },
+        "times_s": {"matmul": mm, "forward": fwd, "train_step": step},
         "reps": args.reps,
     }
     for k, v in res.items():
-        print(f"{k:42s} {v:.4g}" if isinstance(v, float) else f"{k:42s} {v}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        if k == "ratios":
+            for name, entry in v.items():
+                print(f"{'ratio torch/jax ' + name:42s} {format_ratio(entry)}")
+        elif k == "quiet_gate":
+            print(f"{'quiet_gate':42s} {'held' if v['held'] else 'NOT HELD'}: {v['reason']}")
+        elif k != "times_s":
+            print(f"{k:42s} {v:.4g}" if isinstance(v, float) else f"{k:42s} {v}")
+    write_json(args.json_out, res)
     if args.profile:
         profile_step(j_step, args.profile)
 

@@ -18,6 +18,10 @@ fsdp=8, Llama-3.2-1B on one device, compile time of 8B vs 1B) and prints a Markd
     python benchmarks/bench_plan.py --validate --lora 16 --precisions bf16-params
     python benchmarks/bench_plan.py --table
     python benchmarks/bench_plan.py --compile --repeats 3
+    python benchmarks/bench_plan.py --table --json-out benchmarks/results/bench_plan_table.json
+
+Nothing here is timed against torch, so there is no quiet gate; compile seconds are
+wall time and grow with the machine's load (bytes do not).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from _quiet import add_json_arg, write_json  # noqa: E402  (benchmarks/ is on sys.path)
 
 VALIDATION_MODEL = dict(
     model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1536,
@@ -127,9 +133,10 @@ def measure(
     }  # fmt: skip
 
 
-def validate(args) -> None:
+def validate(args) -> dict:
     import tempfile
 
+    rows = []
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "config.json")
         with open(path, "w") as f:
@@ -142,6 +149,8 @@ def validate(args) -> None:
             env = {**os.environ, "JAX_PLATFORMS": "cpu"}
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             print(out.stdout.strip().splitlines()[-1], flush=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {"rows": rows}
 
 
 TARGETS = [
@@ -153,7 +162,8 @@ TARGETS = [
 ]
 
 
-def table(args) -> None:
+def table(args) -> dict:
+    plans = []
     rows = [
         "| model | method | mesh | batch/device x seq | precision | remat | params GiB | "
         "optimizer GiB | temp GiB | peak GiB/device | GFLOP/step/device | compile s | "
@@ -166,6 +176,12 @@ def table(args) -> None:
                precision, "--remat", remat, "--json"]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         p = json.loads(out.stdout.strip().splitlines()[-1])
+        keep = ("param_bytes", "optimizer_bytes", "temp_bytes", "peak_bytes", "flops")
+        plans.append(
+            {"model": model, "method": method, "mesh": mesh, "batch": batch, "seq": seq,
+             "precision": precision, "remat": remat, **{k: p[k] for k in keep},
+             "compile_seconds": p["compile_seconds"], "fits_h100_80gb": p["fits"]["h100-80gb"]}
+        )  # fmt: skip
         g = 2**30
         rows.append(
             f"| {model} | {method} | {mesh} | {batch} x {seq} | {precision} | {remat} | "
@@ -175,9 +191,10 @@ def table(args) -> None:
         )
         print(rows[-1], file=sys.stderr, flush=True)
     print("\n".join(rows))
+    return {"rows": plans, "load_avg": os.getloadavg()}
 
 
-def compile_times(args) -> None:
+def compile_times(args) -> dict:
     """Compile time of the 16-layer 1B and the 32-layer 8B step, alternated, best of N."""
     best: dict[str, float] = {}
     for _ in range(args.repeats):
@@ -189,8 +206,10 @@ def compile_times(args) -> None:
             seconds = json.loads(out.stdout.strip().splitlines()[-1])["compile_seconds"]
             best[model] = min(best.get(model, float("inf")), seconds)
     ratio = best["llama-3.1-8b"] / best["llama-3.2-1b"]
-    print(json.dumps({"mesh": args.mesh, "best_compile_s": best, "ratio_8b_over_1b": ratio,
-                      "repeats": args.repeats, "load_avg": os.getloadavg()}))  # fmt: skip
+    res = {"mesh": args.mesh, "best_compile_s": best, "ratio_8b_over_1b": ratio,
+           "repeats": args.repeats, "load_avg": os.getloadavg()}  # fmt: skip
+    print(json.dumps(res))
+    return res
 
 
 def main() -> None:
@@ -207,18 +226,20 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--remat", default="matmuls")
     parser.add_argument("--lora", type=int, help="--validate the LoRA step of this rank")
+    add_json_arg(parser)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.precision, args.batch, args.seq, args.remat,
                                  args.lora)))  # fmt: skip
-    elif args.validate:
-        validate(args)
-    elif args.table:
-        table(args)
-    elif args.compile:
-        compile_times(args)
-    else:
-        parser.error("pass --validate or --table")
+        return
+    modes = {"validate": validate, "table": table, "compile": compile_times}
+    chosen = [m for m in modes if getattr(args, m)]
+    if not chosen:
+        parser.error("pass --validate, --table or --compile")
+    result = {"benchmark": "bench_plan"}
+    for mode in chosen:
+        result[mode] = modes[mode](args)
+    write_json(args.json_out, result)
 
 
 if __name__ == "__main__":

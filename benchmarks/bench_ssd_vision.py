@@ -17,23 +17,27 @@ Hugging Face export). Timed, in this one process:
 
 Both SSDs start from the same trained weights; the dampened parameters are compared (max
 absolute difference) so the timings are of the same computation. The load average is
-printed: the machine is shared, so read ratios rather than absolute times.
+printed. The warm JAX and the torch calls are interleaved and, like every call timed here,
+run only while other processes leave the CPUs idle (`--gate`, as in bench_model.py); when
+the gate's deadline passes the ratios are stored marked "loaded".
 
     python benchmarks/bench_ssd_vision.py                    # CNN
     python benchmarks/bench_ssd_vision.py --model resnet18   # ResNet-18 (width 16)
+    python benchmarks/bench_ssd_vision.py --json-out benchmarks/results/bench_ssd_vision_cnn.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
-import time
 
 import jax
 import numpy as np
 import torch
+from _quiet import Gate, add_gate_args, add_json_arg, ratio_entry, write_json  # noqa: E402
 from flax import nnx
 
 from jaxunlearn import train
@@ -127,7 +131,10 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=10.0)
     ap.add_argument("--lam", type=float, default=1.0)
+    add_json_arg(ap)
+    add_gate_args(ap)
     args = ap.parse_args()
+    gate = Gate(args.gate, args.max_wait)
     print(f"load average: {os.getloadavg()} | torch threads: {torch.get_num_threads()} | "
           f"jax: {jax.devices()}")  # fmt: skip
     splits = load_digits()
@@ -138,9 +145,7 @@ def main():
         cfg = ResNetConfig.resnet18(10, 1, width=16)
     recipe = TrainRecipe(epochs=args.epochs, batch_size=64)
     target, _ = train_classifier(cfg, task.train, recipe)
-    t0 = time.perf_counter()
-    oracle, _ = train_classifier(cfg, task.retain_set(), recipe)
-    retrain_s = time.perf_counter() - t0
+    retrain_s, (oracle, _) = gate.once(lambda: train_classifier(cfg, task.retain_set(), recipe))
 
     graphdef, _, rest = train.split_model(target)
     loss = methods.ssd_loss(graphdef, rest)  # one loss object: later requests reuse the compile
@@ -150,14 +155,7 @@ def main():
         jax.block_until_ready(jax.tree.leaves(nnx.state(out)))
         return out
 
-    t0 = time.perf_counter()
-    unlearned = jax_ssd()
-    cold = time.perf_counter() - t0
-    warm = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        jax_ssd()
-        warm.append(time.perf_counter() - t0)
+    cold, unlearned = gate.once(jax_ssd)
 
     order = np.r_[np.flatnonzero(task.retain), np.flatnonzero(task.forget)]
     full_dl, forget_dl = loaders(task.train.subset(order), 64), loaders(task.forget_set(), 64)
@@ -167,12 +165,16 @@ def main():
         parity = np.abs(
             torch_logits(twin, x_test).numpy() - predict(target, task.test.images)[0]
         ).max()
-    torch_s = []
-    for _ in range(args.reps):
-        net = torch_twin(target, cfg)
-        t0 = time.perf_counter()
+    net = torch_twin(target, cfg)
+    start_state = copy.deepcopy(net.state_dict())
+
+    def torch_call():  # from the target's weights each time (the restore is < 1 ms)
+        net.load_state_dict(start_state)
         torch_ssd(net, full_dl, forget_dl, args.alpha, args.lam)
-        torch_s.append(time.perf_counter() - t0)
+
+    times = gate.times({"jax_warm": jax_ssd, "torch": torch_call}, args.reps, warmup=0)
+    warm, torch_s = times["jax_warm"], times["torch"]
+    quiet = gate.record()
     with torch.no_grad():
         torch_out = torch_logits(net, x_test).numpy()
     jax_out = predict(unlearned, task.test.images)[0]
@@ -206,7 +208,38 @@ def main():
         f"| jaxunlearn SSD, warm (median of {args.reps}) | {med_warm:.3f} | {retrain_s / med_warm:.1f} |"
     )
     print(f"| torch SSD (median of {args.reps}) | {med_torch:.3f} | {retrain_s / med_torch:.1f} |")
-    print(f"\njaxunlearn warm vs torch: {med_torch / med_warm:.2f}x")
+    verdict = "" if quiet["held"] else f" [LOADED, not a result: {quiet['reason']}]"
+    print(f"\njaxunlearn warm vs torch: {med_torch / med_warm:.2f}x{verdict}")
+    write_json(
+        args.json_out,
+        {
+            "benchmark": "bench_ssd_vision",
+            "model": args.model,
+            "quiet_gate": quiet,
+            "setup": f"digits full-class '{args.forget}', forget {int(task.forget.sum())} / train "
+            f"{len(task.train)}, batch 64, alpha {args.alpha}, lambda {args.lam}, "
+            f"{args.epochs} epochs",
+            "parity_max_abs_logit_diff": float(parity),
+            "test_acc": {"target": target_acc, "oracle": oracle_acc, **acc},
+            "forget_test_acc": forget_acc,
+            "prediction_agreement": agree,
+            "seconds": {
+                "retrain_oracle": retrain_s,
+                "jax_cold": cold,
+                "jax_warm_median": med_warm,
+                "torch_median": med_torch,
+                "jax_warm_all": warm,
+                "torch_all": torch_s,
+            },
+            "reps": args.reps,
+            "ratios": {
+                "warm_vs_torch": ratio_entry(med_torch / med_warm, quiet),
+                "warm_vs_retrain": ratio_entry(retrain_s / med_warm, quiet),
+                "cold_vs_retrain": ratio_entry(retrain_s / cold, quiet),
+                "torch_vs_retrain": ratio_entry(retrain_s / med_torch, quiet),
+            },
+        },
+    )
 
 
 def args_label(task):

@@ -24,19 +24,22 @@ the first half is -100), and ends with an AdamW update. Timed, in this one proce
   compiles once per loss function and batch shape, and that time is reported apart);
   then the full call over all items is timed.
 
-Step times are medians over `--reps` timed steps after warm-up (compile + one step). The
-load average of the machine is printed: on a shared box the absolute times are noisy, the
-ratios between neighbouring measurements less so.
+Step times are medians over `--reps` timed steps after warm-up (compile + one step). Each
+JAX step is timed interleaved with its torch counterpart (JAX, torch, torch, JAX, ...), and
+on Linux a round counts only while other processes leave the CPUs idle (`--gate`, the same
+gate as bench_model.py; a disturbed round is repeated), because their load slows torch's
+OpenMP workers far more than XLA's. If the gate's `--max-wait` passes, rounds are kept
+whatever the load and every ratio is printed and stored marked "loaded", not as a result.
 
-    python benchmarks/bench_unlearn.py --reps 5 --gu-cycles 2   # full size
+    python benchmarks/bench_unlearn.py --reps 5 --gu-cycles 2   # full size (~9 min quiet)
     python benchmarks/bench_unlearn.py --quick                  # tiny smoke run
+    python benchmarks/bench_unlearn.py --json-out benchmarks/results/bench_unlearn.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -49,6 +52,7 @@ import numpy as np
 import optax
 
 # Same model definition as the foundation benchmark, so the two tables compare directly.
+from _quiet import Gate, add_gate_args, add_json_arg, format_ratio, ratio_entry, write_json
 from bench_model import add_model_args, apply_quick, hf_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from flax import nnx
 
@@ -60,17 +64,6 @@ GU_CYCLE_NOTE = "mean step time over whole refresh cycles (one refresh per cycle
 # transformers / the donation path warn on every call on CPU; the warnings say nothing
 # about timing and would bury the table.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-
-
-def _median_time(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def sequence_batch(rng: np.random.Generator, rows: int, seq: int, vocab: int) -> dict:
@@ -141,35 +134,32 @@ class JaxBench:
 
         return run, state
 
-    def time_step(self, objective, tx, batch, **kwargs) -> float:
-        run, _ = self.stepper(objective, tx, batch, **kwargs)
-        return _median_time(run, self.args.reps)
+    def gu_cycle(self, objective, batch):
+        """(run one whole refresh cycle, compile) for GU: one refresh per cycle.
 
-    def time_gu(self, objective, batch) -> dict:
-        """GU step times over whole refresh cycles; also the refresh step alone."""
+        The cycle function returns its steps' times split into the refresh step and the rest.
+        """
         every = self.args.gu_refresh
         tx = optax.chain(
             transforms.retain_projection(rank=self.args.gu_rank, refresh_every=every),
             self.tx(),
         )
         run, state = self.stepper(objective, tx, batch)  # GU asks for retain_grads itself
-        for _ in range(2):  # compile (on a refresh step) and one more
-            run()
-        cycle_means, refresh, other = [], [], []
-        for _ in range(self.args.gu_cycles):
-            times = []
+
+        def compile_and_warm():
+            for _ in range(2):  # compile (on a refresh step) and one more
+                run()
+
+        def cycle():
+            refresh, other = [], []
             for _ in range(every):
                 count = int(state["s"][0].count)
                 t0 = time.perf_counter()
                 run()
-                times.append(time.perf_counter() - t0)
-                (refresh if count % every == 0 else other).append(times[-1])
-            cycle_means.append(sum(times) / every)
-        return {
-            "cycle_mean": statistics.median(cycle_means),
-            "refresh_step": statistics.median(refresh),
-            "other_steps": statistics.median(other) if other else float("nan"),
-        }
+                (refresh if count % every == 0 else other).append(time.perf_counter() - t0)
+            return {"refresh": refresh, "other": other}
+
+        return cycle, compile_and_warm
 
     def loss_fn(self):
         term = objectives.nll()
@@ -179,8 +169,8 @@ class JaxBench:
 
         return loss
 
-    def time_fisher(self, batches: list[dict], convention: str, chunk: int = 8) -> dict:
-        """A one-batch `fisher_diagonal` call (compiles), then the full call, timed."""
+    def fisher_call(self, batches: list[dict], convention: str, chunk: int = 8):
+        """(the full `fisher_diagonal` call, seconds of a one-batch call that compiles)."""
         loss = self.loss_fn()
         kw = {"convention": convention}
         if convention == "per_example":
@@ -192,11 +182,7 @@ class JaxBench:
 
         t0 = time.perf_counter()
         call(batches[:1])
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        call(batches)
-        full = time.perf_counter() - t0
-        return {"call_s": full, "first_one_batch_call_s": first}
+        return (lambda: call(batches)), time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- torch
@@ -233,7 +219,7 @@ class TorchBench:
         opt = self.torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=0.01)
         return model, opt
 
-    def time_graddiff(self) -> float:
+    def graddiff_step(self):
         model, opt = self.fresh()
 
         def step():
@@ -243,9 +229,9 @@ class TorchBench:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return _median_time(step, self.args.reps)
+        return step
 
-    def time_npo(self, *, ref_forward: bool) -> float:
+    def npo_step(self, *, ref_forward: bool):
         f, beta = self.torch.nn.functional, self.args.beta
         model, opt = self.fresh()
         ref = copy.deepcopy(self.model0).eval()
@@ -265,34 +251,38 @@ class TorchBench:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return _median_time(step, self.args.reps)
+        return step
 
-    def time_fisher(self, batches: list[dict]) -> float:
+    def fisher_call(self, batches: list[dict]):
         """SSD's reference loop: mean over batches of the squared batch-mean gradient."""
         torch = self.torch
         model = copy.deepcopy(self.model0).eval()
         t_batches = [{k: torch.from_numpy(v).long() for k, v in b.items()} for b in batches]
-        t0 = time.perf_counter()
-        imp = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-        for b in t_batches:
-            model.zero_grad(set_to_none=True)
-            model(**b).loss.backward()
-            for n, p in model.named_parameters():
-                imp[n] += p.grad.detach() ** 2
-        for v in imp.values():
-            v /= len(t_batches)
-        return time.perf_counter() - t0
+
+        def call():
+            imp = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+            for b in t_batches:
+                model.zero_grad(set_to_none=True)
+                model(**b).loss.backward()
+                for n, p in model.named_parameters():
+                    imp[n] += p.grad.detach() ** 2
+            for v in imp.values():
+                v /= len(t_batches)
+
+        return call
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def _check(value: float, target: float, larger_is_better: bool) -> str:
-    ok = value >= target if larger_is_better else value <= target
+def _check(value: dict, target: float, larger_is_better: bool) -> str:
+    if value["status"] != "quiet":
+        return "not judged (loaded run)"
+    ok = value["value"] >= target if larger_is_better else value["value"] <= target
     return f"{'met' if ok else 'MISSED'} ({'>=' if larger_is_better else '<='} {target:g})"
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_model_args(p)
     p.add_argument(
@@ -319,64 +309,78 @@ def main(argv=None):
         default=LIBRARY_FISHER_CHUNK,
         help="per_example chunk_size (examples whose grads are held at once)",
     )
+    p.add_argument("--fisher-reps", type=int, default=1, help="timed full Fisher calls (median)")
     p.add_argument("--no-fisher", action="store_true", help="skip the Fisher section")
     p.add_argument("--no-torch-fisher", action="store_true", help="skip torch's Fisher loop")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    args = p.parse_args(argv)
-    apply_quick(args)
-    if args.quick:
-        args.gu_cycles, args.fisher_items, args.fisher_batch = 1, 16, 4
-        args.fisher_seq = args.seq
+    add_json_arg(p)
+    add_gate_args(p)
+    return p
 
-    load_start = os.getloadavg()
-    t_start = time.perf_counter()
-    hf_cfg = hf_config(args)
-    rng = np.random.default_rng(0)
-    forget = sequence_batch(rng, args.batch, args.seq, args.vocab)
-    retain = sequence_batch(rng, args.batch, args.seq, args.vocab)
 
-    jb = JaxBench(hf_cfg, forget, retain, args)
-    tb = TorchBench(hf_cfg, forget, retain, args)
+def time_steps(jb: JaxBench, tb: TorchBench, gate: Gate, args) -> tuple[dict, dict]:
+    """Median step seconds, each JAX step interleaved with its torch counterpart.
+
+    Returns (medians by name, every kept round's seconds by name).
+    """
     npo = objectives.forget_retain(objectives.npo(beta=args.beta), objectives.nll())
     pre, ref_batch = jb.batch(precomputed=True), jb.batch(precomputed=False)
+    groups = {
+        "graddiff": {
+            "jax_graddiff": jb.stepper(objectives.grad_diff(), jb.tx(), pre)[0],
+            "torch_graddiff": tb.graddiff_step(),
+        },
+        "npo_precomputed": {
+            "jax_npo_precomputed": jb.stepper(npo, jb.tx(), pre)[0],
+            "torch_npo_precomputed": tb.npo_step(ref_forward=False),
+            "jax_npo_split_grads": jb.stepper(npo, optax.chain(_add_retain(), jb.tx()), pre)[0],
+        },
+        "npo_ref_forward": {
+            "jax_npo_ref_forward": jb.stepper(npo, jb.tx(), ref_batch, ref_params=jb.params())[0],
+            "torch_npo_ref_forward": tb.npo_step(ref_forward=True),
+        },
+    }
+    rounds: dict = {}
+    for fns in groups.values():  # warm-up 2: compile + one step
+        rounds.update(gate.times(fns, args.reps, warmup=2))
+    med = {f"{k}_s": statistics.median(v) for k, v in rounds.items()}
+    cycle, warm = jb.gu_cycle(npo, pre)
+    warm()
+    gu_times, gu_values = gate.rounds({"jax_gu_cycle": cycle}, args.gu_cycles, warmup=0)
+    every = args.gu_refresh
+    med["jax_gu_cycle_mean_s"] = statistics.median(t / every for t in gu_times["jax_gu_cycle"])
+    refresh = [t for v in gu_values["jax_gu_cycle"] for t in v["refresh"]]
+    other = [t for v in gu_values["jax_gu_cycle"] for t in v["other"]]
+    med["jax_gu_refresh_step_s"] = statistics.median(refresh)
+    med["jax_gu_other_steps_s"] = statistics.median(other) if other else float("nan")
+    rounds["jax_gu_cycle"] = gu_times["jax_gu_cycle"]
+    return med, rounds
 
-    # Each JAX measurement is followed by its torch counterpart, so both see similar load.
-    r: dict = {}
-    r["jax_graddiff_s"] = jb.time_step(objectives.grad_diff(), jb.tx(), pre)
-    r["torch_graddiff_s"] = tb.time_graddiff()
-    r["jax_npo_precomputed_s"] = jb.time_step(npo, jb.tx(), pre)
-    r["torch_npo_precomputed_s"] = tb.time_npo(ref_forward=False)
-    r["jax_npo_ref_forward_s"] = jb.time_step(npo, jb.tx(), ref_batch, ref_params=jb.params())
-    r["torch_npo_ref_forward_s"] = tb.time_npo(ref_forward=True)
-    r["jax_npo_split_grads_s"] = jb.time_step(npo, optax.chain(_add_retain(), jb.tx()), pre)
-    gu = jb.time_gu(npo, pre)
-    r["jax_gu_cycle_mean_s"] = gu["cycle_mean"]
-    r["jax_gu_refresh_step_s"] = gu["refresh_step"]
-    r["jax_gu_other_steps_s"] = gu["other_steps"]
-    r["jax_npo_precomputed_again_s"] = jb.time_step(npo, jb.tx(), pre)
 
-    if not args.no_fisher:
-        n_batches = -(-args.fisher_items // args.fisher_batch)
-        frng = np.random.default_rng(1)
-        batches = [
-            sequence_batch(frng, args.fisher_batch, args.fisher_seq, args.vocab)
-            for _ in range(n_batches)
-        ]
-        extra = args.fisher_batch * n_batches - args.fisher_items
-        if extra:  # trim the last batch so the item count is exact (one more compile)
-            batches[-1] = {k: v[: args.fisher_batch - extra] for k, v in batches[-1].items()}
-        pe = jb.time_fisher(batches, "per_example", args.fisher_chunk)
-        bm = jb.time_fisher(batches, "batch_mean")
-        for name, res in (("per_example", pe), ("batch_mean", bm)):
-            r[f"jax_fisher_{name}_call_s"] = res["call_s"]
-            r[f"jax_fisher_{name}_first_one_batch_call_s"] = res["first_one_batch_call_s"]
-        if not args.no_torch_fisher:
-            r["torch_fisher_batch_mean_s"] = tb.time_fisher(batches)
+def time_fisher(jb: JaxBench, tb: TorchBench, gate: Gate, args) -> tuple[dict, dict]:
+    """The full Fisher calls (JAX both conventions, torch's SSD loop), interleaved."""
+    n_batches = -(-args.fisher_items // args.fisher_batch)
+    frng = np.random.default_rng(1)
+    batches = [
+        sequence_batch(frng, args.fisher_batch, args.fisher_seq, args.vocab)
+        for _ in range(n_batches)
+    ]
+    extra = args.fisher_batch * n_batches - args.fisher_items
+    if extra:  # trim the last batch so the item count is exact (one more compile)
+        batches[-1] = {k: v[: args.fisher_batch - extra] for k, v in batches[-1].items()}
+    r, fns = {}, {}
+    for name, chunk in (("per_example", args.fisher_chunk), ("batch_mean", None)):
+        fns[f"jax_fisher_{name}_call"], first = jb.fisher_call(batches, name, chunk)
+        r[f"jax_fisher_{name}_first_one_batch_call_s"] = first
+    if not args.no_torch_fisher:
+        fns["torch_fisher_batch_mean"] = tb.fisher_call(batches)
+    rounds = gate.times(fns, args.fisher_reps, warmup=0)
+    r.update({f"{k}_s": statistics.median(v) for k, v in rounds.items()})
+    return r, rounds
 
-    # Ratios the issue's targets refer to. The NPO baseline for GU is the mean of the two
-    # NPO measurements taken before and after it, to damp drift in the machine's load.
-    npo_base = (r["jax_npo_precomputed_s"] + r["jax_npo_precomputed_again_s"]) / 2
+
+def ratios_of(r: dict) -> dict[str, float]:
+    """The ratios the issue's targets refer to (torch / JAX: > 1 means JAX is faster)."""
     ratios = {
         "graddiff_speedup_vs_torch": r["torch_graddiff_s"] / r["jax_graddiff_s"],
         "npo_precomputed_over_graddiff": r["jax_npo_precomputed_s"] / r["jax_graddiff_s"],
@@ -389,36 +393,59 @@ def main(argv=None):
         / r["jax_npo_precomputed_s"],
         "npo_ref_forward_speedup_vs_torch": r["torch_npo_ref_forward_s"]
         / r["jax_npo_ref_forward_s"],
-        "gu_over_npo": r["jax_gu_cycle_mean_s"] / npo_base,
+        "gu_over_npo": r["jax_gu_cycle_mean_s"] / r["jax_npo_precomputed_s"],
         "gu_over_npo_split_grads": r["jax_gu_cycle_mean_s"] / r["jax_npo_split_grads_s"],
-        "npo_split_grads_over_npo": r["jax_npo_split_grads_s"] / npo_base,
+        "npo_split_grads_over_npo": r["jax_npo_split_grads_s"] / r["jax_npo_precomputed_s"],
     }
-    if not args.no_fisher:
+    if "jax_fisher_per_example_call_s" in r:
         ratios["fisher_per_example_over_batch_mean"] = (
             r["jax_fisher_per_example_call_s"] / r["jax_fisher_batch_mean_call_s"]
         )
-        if "torch_fisher_batch_mean_s" in r:
-            ratios["fisher_batch_mean_speedup_vs_torch"] = (
-                r["torch_fisher_batch_mean_s"] / r["jax_fisher_batch_mean_call_s"]
-            )
-            ratios["fisher_per_example_speedup_vs_torch_batch_mean"] = (
-                r["torch_fisher_batch_mean_s"] / r["jax_fisher_per_example_call_s"]
-            )
-    targets = {
-        "graddiff_speedup_vs_torch": _check(ratios["graddiff_speedup_vs_torch"], 1.5, True),
-        "npo_precomputed_over_graddiff": _check(
-            ratios["npo_precomputed_over_graddiff"], 1.1, False
-        ),
-        "gu_over_npo": _check(ratios["gu_over_npo"], 1.3, False),
-    }
-    if not args.no_fisher:
-        targets["fisher_per_example_over_batch_mean"] = _check(
-            ratios["fisher_per_example_over_batch_mean"], 2.0, False
+    if "torch_fisher_batch_mean_s" in r:
+        ratios["fisher_batch_mean_speedup_vs_torch"] = (
+            r["torch_fisher_batch_mean_s"] / r["jax_fisher_batch_mean_call_s"]
         )
+        ratios["fisher_per_example_speedup_vs_torch_batch_mean"] = (
+            r["torch_fisher_batch_mean_s"] / r["jax_fisher_per_example_call_s"]
+        )
+    return ratios
 
+
+TARGETS = {  # ratio name: (target, larger is better)
+    "graddiff_speedup_vs_torch": (1.5, True),
+    "npo_precomputed_over_graddiff": (1.1, False),
+    "gu_over_npo": (1.3, False),
+    "fisher_per_example_over_batch_mean": (2.0, False),
+}
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    apply_quick(args)
+    if args.quick:
+        args.gu_cycles, args.fisher_items, args.fisher_batch = 1, 16, 4
+        args.fisher_seq = args.seq
+
+    load_start = os.getloadavg()
+    t_start = time.perf_counter()
+    hf_cfg = hf_config(args)
+    rng = np.random.default_rng(0)
+    forget = sequence_batch(rng, args.batch, args.seq, args.vocab)
+    retain = sequence_batch(rng, args.batch, args.seq, args.vocab)
+    jb = JaxBench(hf_cfg, forget, retain, args)
+    tb = TorchBench(hf_cfg, forget, retain, args)
+    gate = Gate(args.gate, args.max_wait)
+    r, rounds = time_steps(jb, tb, gate, args)
+    if not args.no_fisher:
+        fr, frounds = time_fisher(jb, tb, gate, args)
+        r.update(fr)
+        rounds.update(frounds)
+    quiet = gate.record()
+    ratios = {k: ratio_entry(v, quiet) for k, v in ratios_of(r).items()}
+    targets = {k: _check(ratios[k], *t) for k, t in TARGETS.items() if k in ratios}
     info = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{jax.device_count()} {jax.default_backend()} device(s), torch threads {tb.threads}",
+        "backend": f"{jax.device_count()} {jax.default_backend()} device(s), torch threads "
+        f"{tb.threads}, {platform.machine()}",
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "params": jb.n_params,
@@ -436,23 +463,31 @@ def main(argv=None):
         info["fisher"] = (
             f"{args.fisher_items} items x {args.fisher_seq} tokens (second half scored), "
             f"batch-mean batch {args.fisher_batch}, per-example chunk_size {args.fisher_chunk}; "
-            "timed full call after a one-batch compile call"
+            f"median of {args.fisher_reps} full call(s) after a one-batch compile call"
             + ("" if args.fisher_seq == args.seq else f" (SHORTER than the step's {args.seq})")
         )
 
     for k, v in info.items():
         print(f"{k:44s} {v}")
+    print(f"{'quiet_gate':44s} {'held' if quiet['held'] else 'NOT HELD'}: {quiet['reason']}")
     print("-- times (s)")
     for k, v in r.items():
         print(f"{k:44s} {v:.4g}")
     print("-- ratios")
     for k, v in ratios.items():
-        print(f"{k:44s} {v:.3f}  {targets.get(k, '')}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"info": info, "times_s": r, "ratios": ratios, "targets": targets}, f, indent=2
-            )
+        print(f"{k:44s} {format_ratio(v)}  {targets.get(k, '')}")
+    write_json(
+        args.json_out,
+        {
+            "benchmark": "bench_unlearn",
+            "info": info,
+            "quiet_gate": quiet,
+            "times_s": r,
+            "ratios": ratios,
+            "targets": targets,
+            "rounds_s": rounds,
+        },
+    )
 
 
 if __name__ == "__main__":

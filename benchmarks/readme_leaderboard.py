@@ -52,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--cache-dir", default=None, help="model cache (default: a fresh one)")
+    parser.add_argument("--json-out", help="also write the table, wall time and machine here")
     args = parser.parse_args()
     from jaxunlearn.pipeline import run_tofu
 
@@ -74,6 +75,14 @@ def main() -> None:
     text = pattern.sub(lambda _: f"{START}\n{stamp}\n\n{body}\n{END}", text)
     README.write_text(text, encoding="utf-8")
     print(f"{README}: leaderboard replaced ({stamp})")
+    if args.json_out:
+        from _quiet import write_json  # benchmarks/ is on sys.path when run as a script
+
+        write_json(
+            args.json_out,
+            {"benchmark": "readme_leaderboard", "preset": args.preset, "wall_s": seconds,
+             "cache": "cached" if args.cache_dir else "empty", "table": body},
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
