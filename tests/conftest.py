@@ -1,7 +1,17 @@
 """Shared pytest fixtures: tiny random Hugging Face models (torch, CPU) and their NNX twins."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+# Commands run in-process default to a persistent JAX compilation cache under
+# $XDG_CACHE_HOME (`--compilation-cache auto`); keep the suite's out of the user's home.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jaxunlearn-tests-xdg-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 def _tiny_hf_model(hf_config, *, seed: int = 0, noise: float = 0.05):

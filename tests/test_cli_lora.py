@@ -134,3 +134,18 @@ def test_bad_lora_flags_exit_2_with_the_reason(ws, tmp_path, capsys):
     (busy / "notes.txt").write_text("mine")
     err = _error(args(ws, tmp_path / "d", "--lora-rank", "2", "--save-adapter", str(busy)), capsys)
     assert "holds no PEFT adapter" in err
+
+
+def test_eval_command_with_adapter_scores_like_the_merged_model(ws, lora_run, tmp_path):
+    out, adapter = lora_run
+    tofu = ["--benchmark", "tofu", "--limit", "2", "--metrics", "forget_Q_A_Prob",
+            "--no-holdout", "--compilation-cache", "off"]  # fmt: skip
+    with_adapter, merged = tmp_path / "adapter_EVAL.json", tmp_path / "merged_EVAL.json"
+    argv = ["eval", "--model", ws["model"], "--adapter", str(adapter), "--out", str(with_adapter)]
+    assert cli.main(argv + tofu) == 0
+    assert cli.main(["eval", "--model", str(out), "--out", str(merged), *tofu]) == 0
+    got = json.loads(with_adapter.read_text())["forget_Q_A_Prob"]["value_by_index"]
+    want = json.loads(merged.read_text())["forget_Q_A_Prob"]["value_by_index"]
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key]["prob"], want[key]["prob"], rtol=1e-4)

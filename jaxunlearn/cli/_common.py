@@ -172,3 +172,31 @@ def lora_options(args: Any) -> dict[str, Any] | None:
         )
     alpha = float(2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha)
     return {"rank": args.lora_rank, "alpha": alpha, "targets": targets}
+
+
+def add_compilation_cache_argument(parser: Any) -> None:
+    """Adds ``--compilation-cache DIR|auto|off`` (JAX's persistent compilation cache)."""
+    parser.add_argument(
+        "--compilation-cache",
+        default="auto",
+        metavar="DIR|auto|off",
+        help="keep compiled XLA programs in DIR so later runs skip compilation (auto: "
+        "$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/jaxunlearn/"
+        "jax-compilation-cache, else ~/.cache/...; off: disabled)",
+    )
+
+
+def apply_compilation_cache(args: Any) -> None:
+    """Turns on the cache ``--compilation-cache`` names; call before anything compiles."""
+    if args.compilation_cache == "off":
+        return
+    import jax
+
+    from jaxunlearn.eval.inference import enable_compilation_cache
+
+    # auto keeps a directory the user already gave JAX (JAX_COMPILATION_CACHE_DIR).
+    given = jax.config.jax_compilation_cache_dir
+    auto = args.compilation_cache == "auto"
+    enable_compilation_cache(
+        given if auto and given else (None if auto else args.compilation_cache)
+    )

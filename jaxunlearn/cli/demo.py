@@ -15,7 +15,13 @@ import argparse
 import os
 from typing import Any
 
-from jaxunlearn.cli._common import EXIT_OK, UsageError, bad_input
+from jaxunlearn.cli._common import (
+    EXIT_OK,
+    UsageError,
+    add_compilation_cache_argument,
+    apply_compilation_cache,
+    bad_input,
+)
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser, *, tofu_only: bool = True) -> None:
@@ -38,6 +44,7 @@ def add_preset_arguments(parser: argparse.ArgumentParser, *, tofu_only: bool = T
         "or ~/.cache/jaxunlearn)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_compilation_cache_argument(parser)
 
 
 def print_leaderboard(result: Any) -> None:
@@ -71,6 +78,7 @@ def _run_sequential(args: argparse.Namespace, methods: list[str] | None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Runs ``jaxunlearn demo``; returns the exit status."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    apply_compilation_cache(args)  # before anything compiles
     if args.benchmark == "classifiers":
         if args.sequential is not None:
             raise UsageError("--sequential is a TOFU option (--benchmark tofu)")

@@ -30,7 +30,9 @@ from typing import Any
 from jaxunlearn.cli._common import (
     EXIT_OK,
     UsageError,
+    add_compilation_cache_argument,
     add_model_arguments,
+    apply_compilation_cache,
     bad_input,
     model_options,
     parse_buckets,
@@ -85,13 +87,11 @@ def register(subparsers: Any) -> None:
         help="comma-separated padded sequence lengths, e.g. 256,512,1024 (default: "
         "32..4096); each bucket used compiles once",
     )
+    add_compilation_cache_argument(p)
     p.add_argument(
-        "--compilation-cache",
-        default="auto",
-        metavar="DIR|auto|off",
-        help="keep compiled XLA programs in DIR so later runs skip compilation (auto: "
-        "$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/jaxunlearn/"
-        "jax-compilation-cache, else ~/.cache/...; off: disabled)",
+        "--adapter",
+        metavar="DIR",
+        help="PEFT LoRA adapter to apply to --model (e.g. from unlearn --save-adapter)",
     )
     add_model_arguments(p)
     p.add_argument(
@@ -132,16 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     from jaxunlearn import checkpoints, parallel
     from jaxunlearn.eval import inference, multiple_choice, muse, report, tofu
 
-    if args.compilation_cache != "off":  # before anything compiles
-        import jax
-
-        # auto keeps a directory the user already gave JAX (JAX_COMPILATION_CACHE_DIR).
-        given = jax.config.jax_compilation_cache_dir
-        auto = args.compilation_cache == "auto"
-        inference.enable_compilation_cache(
-            given if auto and given else (None if auto else args.compilation_cache)
-        )
-
+    apply_compilation_cache(args)  # before anything compiles
     mesh = parallel.mesh(data=-1) if args.shard else None
     options, _ = model_options(args)
     options["mesh"] = mesh
@@ -160,7 +151,10 @@ def _run(args: argparse.Namespace) -> int:
             limit=args.limit, metrics=metrics, holdout=not args.no_holdout,
             reference_model=args.reference_model,
         )  # fmt: skip
-    model = checkpoints.load_pretrained(args.model, **options)
+    if args.adapter:
+        model = checkpoints.load_pretrained_with_adapter(args.model, args.adapter, **options)
+    else:
+        model = checkpoints.load_pretrained(args.model, **options)
     reference = None
     if args.reference_model:
         reference = checkpoints.load_pretrained(args.reference_model, **options)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jaxunlearn.cli._common import EXIT_OK, UsageError, bad_input
+from jaxunlearn.cli._common import EXIT_OK, UsageError, apply_compilation_cache, bad_input
 from jaxunlearn.cli.demo import add_preset_arguments, print_leaderboard
 
 
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     if not methods:
         raise UsageError("--method: give a method name (comma-separated with --select validation)")
+    apply_compilation_cache(args)  # before anything compiles
     if args.select == "validation":
         return _run_validated(args, methods)
     if len(methods) != 1:
