@@ -125,7 +125,9 @@ def _bits_twin(torch_model, dtype=jnp.float32):
     return plain, bits
 
 
-@pytest.mark.parametrize("arch", ["mistral_sliding", "llama_tied_llama3"])
+@pytest.mark.parametrize(
+    "arch", [pytest.param("mistral_sliding", marks=pytest.mark.slow), "llama_tied_llama3"]
+)
 def test_scan_bits_model_gradients_match_torch(arch, tiny_hf_model):
     """Sliding-window masks per layer and the tied embedding (bits_take + head) included."""
     torch_model = tiny_hf_model(hf_config(arch))
@@ -145,6 +147,7 @@ def test_scan_bits_model_gradients_match_torch(arch, tiny_hf_model):
             np.testing.assert_allclose(value, ref, atol=1e-4 * scale, rtol=0, err_msg=key)
 
 
+@pytest.mark.slow  # ~20 s on the shared CPU; the toy bf16 case above stays in the default suite
 def test_scan_bits_bf16_gradients_equal_the_plain_scan(tiny_hf_model):
     plain, bits = _bits_twin(tiny_hf_model(hf_config("llama_tied_llama3")), jnp.bfloat16)
     ids, mask = (jnp.asarray(a) for a in padded_batch("left"))

@@ -177,7 +177,12 @@ def _take_bwd(residuals, g):
     rows = g.reshape(n, -1).astype(jnp.float32)
     distinct, inverse = jnp.unique(flat, size=n, fill_value=vocab, return_inverse=True)
     summed = jax.ops.segment_sum(rows, inverse.reshape(-1), num_segments=n).astype(empty.dtype)
-    zeros = jnp.zeros((vocab, rows.shape[1]), empty.dtype)
+    # A zero that depends on the cotangent: a constant table would be allocated (and, with
+    # two lookups, copied) at the start of the program, long before the backward pass
+    # reaches it. `x - x` is not folded for floats (NaN); non-finite rows give 0 here.
+    probe = rows[0, 0]
+    zero = jnp.where(jnp.isfinite(probe), probe - probe, 0.0).astype(empty.dtype)
+    zeros = jnp.full((vocab, rows.shape[1]), zero, empty.dtype)
     if _is_bf16(empty):
         out = to_bits(zeros).at[distinct].set(to_bits(summed), mode="drop")
         grad = from_bits(out)
