@@ -235,3 +235,28 @@ def test_step_guard_skips_a_non_finite_update_in_place():
     assert float(metrics["finite"]) == 0.0
     for a, b in zip(jax.tree.leaves((out_params, out_opt)), jax.tree.leaves((bad, opt_state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_plan_with_scan_bits_has_smaller_temporaries(tmp_path):
+    """`jaxunlearn plan --scan-bits`: same parameter and moment bytes, fewer temporaries
+    (bf16 params, remat full, XLA:CPU)."""
+    import json
+
+    from jaxunlearn import plan
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the float32 copies are an XLA:CPU artefact")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(
+        model_type="llama", vocab_size=2048, hidden_size=256, intermediate_size=1024,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )))  # fmt: skip
+    kw = dict(batch=2, seq=32, precision="bf16-params", remat="full", exact_flops=False)
+    plain = plan.plan(str(path), **kw)
+    bits = plan.plan(str(path), scan_bits=True, **kw)
+    assert bits.scan_bits and not plain.scan_bits
+    assert (bits.param_bytes, bits.optimizer_bytes) == (plain.param_bytes, plain.optimizer_bytes)
+    assert bits.temp_bytes < plain.temp_bytes, (bits.temp_bytes, plain.temp_bytes)
+    with pytest.raises(ValueError, match="remat='full'"):
+        plan.plan(str(path), scan_bits=True, **{**kw, "remat": "matmuls"})
