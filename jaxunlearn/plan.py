@@ -18,6 +18,11 @@ only the adapters are trained (parameters, gradients and optimizer state), the b
 frozen argument of the step. A mesh with a ``model`` axis plans tensor parallelism
 (`jaxunlearn.parallel_rules`: heads, MLP hidden and vocabulary split, combined with FSDP).
 
+``scan_bits=True`` (``--scan-bits``) plans the CPU-friendly layer scan of
+`jaxunlearn.models.scan_bits` (bfloat16 weights carried as uint16 bits): on XLA:CPU with
+bfloat16 parameters it removes the float32 copies of the weight stack and its gradient that
+XLA:CPU's bfloat16 normalisation otherwise adds.
+
 Example:
   >>> from jaxunlearn import plan
   >>> cfg = plan.builtin_config("llama-3.2-1b")
@@ -603,6 +608,7 @@ def format_plan(p: Plan, accelerator: str | None = None) -> str:
         f"{p.model} | {p.method} | mesh {mesh} | batch {p.batch}/device x {p.seq} tokens "
         f"(global {p.batch * p.mesh['data'] * p.mesh['fsdp']}) | precision {p.precision} | "
         f"remat {p.remat} | {'scanned' if p.scan_layers else 'unrolled'} layers"
+        + (" (uint16-bits scan)" if p.scan_bits else "")
         + (f" | LoRA rank {p.lora_rank}, base frozen" if p.lora_rank else ""),
         f"{'adapter params' if p.lora_rank else 'parameters    '}    {p.parameters / 1e9:8.3f} B",
         "per device:",
