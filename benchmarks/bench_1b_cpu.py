@@ -78,7 +78,7 @@ def phase_make(directory: str, smoke: bool) -> dict:
     return {"parameters": sum(p.numel() for p in model.parameters())}
 
 
-def phase_jax(directory: str, out: str, remat: str, scan: bool) -> dict:
+def phase_jax(directory: str, out: str, remat: str, scan: bool, scan_bits: bool) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -89,7 +89,13 @@ def phase_jax(directory: str, out: str, remat: str, scan: bool) -> dict:
     policy = parallel.precision_policy("bf16-params")
     model = load_pretrained(directory, scan_layers=scan, remat=remat, **policy.model_kwargs())
     graphdef, params, rest = train.split_model(model)
+    cfg = model.config
     del model
+    if scan_bits:  # the same modules, with the uint16-bits layer scan (graph only)
+        from jaxunlearn.models import build_model
+
+        kw = dict(scan_layers=True, remat=remat, scan_bits=True, **policy.model_kwargs())
+        graphdef = train.split_model(nnx.eval_shape(lambda: build_model(cfg, **kw)))[0]
     batch = _batch(int(params["embed_tokens"]["embedding"].shape[0]))
     ref = jax.jit(
         lambda p, b: objectives.reference_logprob(train.model_forward(graphdef, p, rest), b)
@@ -192,15 +198,23 @@ def main() -> None:
         help="unstacked layers (XLA:CPU plans 24.7 GiB for them vs 26.4 GiB stacked, but "
         "compiles for minutes)",
     )
+    parser.add_argument(
+        "--no-scan-bits",
+        action="store_true",
+        help="plain layer scan: by default scanned layers with remat 'full' carry the bf16 "
+        "weights as uint16 bits (jaxunlearn.models.scan_bits; XLA:CPU's float32 copies avoided)",
+    )
     parser.add_argument("--json-out", help="also write the result dict (JSON) here")
     parser.add_argument("--min-free-gib", type=float, default=18.0)
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--phase", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    scan_bits = not args.no_scan and args.remat == "full" and not args.no_scan_bits
     if args.phase:
         name, *paths = args.phase
         result = {"make": lambda: phase_make(paths[0], args.smoke),
-                  "jax": lambda: phase_jax(paths[0], paths[1], args.remat, not args.no_scan),
+                  "jax": lambda: phase_jax(paths[0], paths[1], args.remat, not args.no_scan,
+                                           scan_bits),
                   "torch": lambda: phase_torch(paths[0]),
                   "check": lambda: phase_check(paths[0])}[name]()  # fmt: skip
         print(json.dumps({**result, "peak_rss_bytes": _peak_rss()}))
@@ -209,11 +223,12 @@ def main() -> None:
     if not args.smoke and free < args.min_free_gib and not args.force:
         sys.exit(f"only {free:.1f} GiB available (< {args.min_free_gib}); not starting.")
     smoke = (["--smoke"] if args.smoke else []) + (["--no-scan"] if args.no_scan else [])
+    smoke += ["--no-scan-bits"] if args.no_scan_bits else []
     with tempfile.TemporaryDirectory() as d:
         src, dst = os.path.join(d, "in"), os.path.join(d, "out")
         report = {"model": "smoke" if args.smoke else "llama-3.2-1b-shape", "steps": STEPS,
                   "batch": f"{ROWS}x{SEQ} forget + {ROWS}x{SEQ} retain", "remat": args.remat,
-                  "precision": "bf16-params", "scan_layers": not args.no_scan,
+                  "precision": "bf16-params", "scan_layers": not args.no_scan, "scan_bits": scan_bits,
                   "available_gib_at_start": round(free, 1)}  # fmt: skip
         for name, paths in (("make", [src]), ("jax", [src, dst]), ("torch", [src]),
                             ("check", [dst])):  # fmt: skip

@@ -18,6 +18,11 @@ only the adapters are trained (parameters, gradients and optimizer state), the b
 frozen argument of the step. A mesh with a ``model`` axis plans tensor parallelism
 (`jaxunlearn.parallel_rules`: heads, MLP hidden and vocabulary split, combined with FSDP).
 
+``scan_bits=True`` (``--scan-bits``) plans the CPU-friendly layer scan of
+`jaxunlearn.models.scan_bits` (bfloat16 weights carried as uint16 bits): on XLA:CPU with
+bfloat16 parameters it removes the float32 copies of the weight stack and its gradient that
+XLA:CPU's bfloat16 normalisation otherwise adds.
+
 Example:
   >>> from jaxunlearn import plan
   >>> cfg = plan.builtin_config("llama-3.2-1b")
@@ -181,6 +186,8 @@ class Plan:
         `param_bytes` and `optimizer_bytes` are the adapters'), else None.
       frozen_bytes: bytes per device of what the step reads but does not train (the frozen
         base of a LoRA model; 0 otherwise).
+      scan_bits: the scanned layers carry bfloat16 weights as uint16 bits
+        (`jaxunlearn.models.scan_bits`).
     """
 
     model: str
@@ -204,6 +211,7 @@ class Plan:
     reference_parts: tuple[str, ...]
     lora_rank: int | None = None
     frozen_bytes: int = 0
+    scan_bits: bool = False
 
     def fits(self, accelerator: str) -> bool:
         """Whether the peak fits `USABLE_FRACTION` of the accelerator's memory."""
@@ -322,7 +330,20 @@ class _Setup:
     rest: Any = None
 
 
-def _setup(cfg, recipe, mesh, policy, *, rows, seq, remat, scan_layers, micro_batches, lora=None):
+def _setup(
+    cfg,
+    recipe,
+    mesh,
+    policy,
+    *,
+    rows,
+    seq,
+    remat,
+    scan_layers,
+    micro_batches,
+    lora=None,
+    scan_bits=False,
+):
     """Abstract params, optimizer state, batch and the step for one plan (`lora`: the
     `apply_lora` keyword arguments, or None for full-parameter training)."""
     import jax
@@ -336,7 +357,12 @@ def _setup(cfg, recipe, mesh, policy, *, rows, seq, remat, scan_layers, micro_ba
 
     def build():
         model = build_model(
-            cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers, remat=remat, **policy.model_kwargs()
+            cfg,
+            rngs=nnx.Rngs(0),
+            scan_layers=scan_layers,
+            remat=remat,
+            scan_bits=scan_bits,
+            **policy.model_kwargs(),
         )
         if lora is None:
             return model
@@ -408,7 +434,7 @@ def _layer_flops(cfg, recipe, mesh, policy, **kw) -> float:
     for layers in (1, 2):
         types = None if cfg.layer_types is None else cfg.layer_types[:layers]
         small = dataclasses.replace(cfg, num_hidden_layers=layers, layer_types=types)
-        s = _setup(small, recipe, mesh, policy, **{**kw, "scan_layers": False})
+        s = _setup(small, recipe, mesh, policy, **{**kw, "scan_layers": False, "scan_bits": False})
         costs.append(_flops(_compile(s, mesh)[0]))
     return costs[0] + (cfg.num_hidden_layers - 1) * (costs[1] - costs[0])
 
@@ -444,6 +470,7 @@ def plan(
     lora: int | None = None,
     lora_alpha: float | None = None,
     lora_targets: Sequence[str] | None = None,
+    scan_bits: bool = False,
 ) -> Plan:
     """Compiles `method`'s unlearning step for `model` from shapes and measures it.
 
@@ -466,6 +493,9 @@ def plan(
       lora: plan LoRA unlearning with adapters of this rank (base frozen), or None.
       lora_alpha: LoRA alpha (default 2 * rank); only the scaling, not the bytes, depends on it.
       lora_targets: kernels to adapt (default all: q, k, v, o, gate, up, down).
+      scan_bits: run the scanned layers with bfloat16 weights carried as uint16 bits
+        (`jaxunlearn.models.scan_bits`; needs remat "full"): on XLA:CPU with bfloat16
+        parameters this removes the float32 copies of the weight stack and its gradient.
 
     Returns:
       The `Plan`.
@@ -512,7 +542,7 @@ def plan(
         alpha = float(2 * lora if lora_alpha is None else lora_alpha)
         lora_kw = dict(rank=lora, alpha=alpha, targets=tuple(lora_targets or TARGETS))
     kw = dict(rows=rows, seq=seq, remat=remat, scan_layers=scan_layers,
-              micro_batches=micro_batches, lora=lora_kw)  # fmt: skip
+              micro_batches=micro_batches, lora=lora_kw, scan_bits=scan_bits)  # fmt: skip
     s = _setup(cfg, recipe, m, policy, **kw)
     _check_mesh(sizes, s.params if lora is None else s.rest)
     compiled, seconds = _compile(s, m)
@@ -532,7 +562,7 @@ def plan(
         peak_bytes=int(peak), flops=flops,
         model_flops=model_flops(cfg, s.parameters, tokens, seq, frozen=_count(s.rest) if lora else 0),
         compile_seconds=seconds, reference_parts=s.ref_parts, lora_rank=lora,
-        frozen_bytes=_per_device_bytes(s.rest) if lora is not None else 0,
+        frozen_bytes=_per_device_bytes(s.rest) if lora is not None else 0, scan_bits=scan_bits,
     )  # fmt: skip
 
 
@@ -578,6 +608,7 @@ def format_plan(p: Plan, accelerator: str | None = None) -> str:
         f"{p.model} | {p.method} | mesh {mesh} | batch {p.batch}/device x {p.seq} tokens "
         f"(global {p.batch * p.mesh['data'] * p.mesh['fsdp']}) | precision {p.precision} | "
         f"remat {p.remat} | {'scanned' if p.scan_layers else 'unrolled'} layers"
+        + (" (uint16-bits scan)" if p.scan_bits else "")
         + (f" | LoRA rank {p.lora_rank}, base frozen" if p.lora_rank else ""),
         f"{'adapter params' if p.lora_rank else 'parameters    '}    {p.parameters / 1e9:8.3f} B",
         "per device:",
@@ -622,6 +653,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--precision", default="bf16", help="float32 | bf16 | bf16-params")
     a("--remat", default="matmuls", help="none | matmuls | full")
     a("--no-scan", action="store_true", help="unstacked layers (compile time grows with depth)")
+    a("--scan-bits", action="store_true",
+      help="bf16 layer weights through the scan as uint16 bits (XLA:CPU; needs --remat full)")  # fmt: skip
     a("--micro-batches", type=int, default=1)
     a("--lora", type=int, default=None, metavar="R",
       help="plan LoRA unlearning: adapters of rank R trained, the base frozen")  # fmt: skip
@@ -653,7 +686,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, method=args.method, mesh=args.mesh, batch=args.batch, seq=args.seq,
             precision=args.precision, remat=args.remat, scan_layers=not args.no_scan,
             micro_batches=args.micro_batches, exact_flops=not args.fast_flops,
-            lora=args.lora, lora_alpha=args.lora_alpha,
+            lora=args.lora, lora_alpha=args.lora_alpha, scan_bits=args.scan_bits,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"plan: {e}", file=sys.stderr)
@@ -676,7 +709,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out += [flag, str(value)]
     for flag, on in (("--no-scan", args.no_scan), ("--fast-flops", args.fast_flops),
-                     ("--json", args.json)):  # fmt: skip
+                     ("--json", args.json), ("--scan-bits", args.scan_bits)):  # fmt: skip
         if on:
             out.append(flag)
     return out

@@ -44,6 +44,7 @@ def build_model(
     scan_layers: bool = False,
     remat: str = "none",
     attention: str = "auto",
+    scan_bits: bool = False,
 ) -> CausalLM:
     """Builds the NNX model for `cfg` with randomly initialised parameters.
 
@@ -57,11 +58,20 @@ def build_model(
       scan_layers: stack the decoder layers and scan over them (Llama family only).
       remat: per-layer rematerialisation: "none", "matmuls" or "full".
       attention: "auto", "einsum" or "dot_product_attention".
+      scan_bits: carry bfloat16 stacked weights through the layer scan as uint16 bits
+        (Llama family, scanned, remat "full"; saves memory on XLA:CPU only; see
+        `LlamaForCausalLM`).
 
     Returns:
       A `LlamaForCausalLM` or `GPT2LMHeadModel`.
     """
     _, cls = _family(cfg)
+    if scan_bits and cls is not LlamaForCausalLM:
+        raise ValueError(
+            f"scan_bits=True is for the Llama family's stacked layers; {cfg.model_type!r} "
+            "never stacks its layers. Build it with scan_bits=False."
+        )
+    extra = {"scan_bits": True} if scan_bits else {}
     return cls(
         cfg,
         dtype=dtype,
@@ -70,6 +80,7 @@ def build_model(
         scan_layers=scan_layers,
         remat=remat,
         attention=attention,
+        **extra,
     )
 
 

@@ -35,6 +35,7 @@ from jaxunlearn.models.layers import (
     rope_inv_freq,
 )
 from jaxunlearn.models.outputs import CausalLMOutput, Head
+from jaxunlearn.models.scan_bits import bits_scan, bits_take
 
 LLAMA_FAMILY: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -157,6 +158,13 @@ class LlamaForCausalLM(nnx.Module):
         `jaxunlearn.models.layers.remat_policy`.
       attention: "auto", "einsum" or "dot_product_attention" (see
         `jaxunlearn.models.layers.resolve_attention`).
+      scan_bits: run the stacked layers with `jaxunlearn.models.scan_bits.bits_scan`:
+        bfloat16 weights pass through the scan as uint16 bits and the backward pass is a
+        reverse scan that recomputes each layer, so XLA:CPU never makes float32 copies of
+        the whole weight stack or its gradient. For training with bfloat16 parameters on
+        CPU only (elsewhere it saves nothing); needs ``scan_layers=True, remat="full"``;
+        reverse-mode differentiation only (no `jax.jvp`). Calls that capture
+        `hidden_layers` use the plain scan.
     """
 
     def __init__(
@@ -169,15 +177,23 @@ class LlamaForCausalLM(nnx.Module):
         scan_layers: bool = False,
         remat: str = "none",
         attention: str = "auto",
+        scan_bits: bool = False,
     ):
         if cfg.model_type not in LLAMA_FAMILY:
             raise ValueError(f"LlamaForCausalLM cannot build model_type {cfg.model_type!r}.")
         remat_policy(remat)  # validate the names now, not at the first call
         resolve_attention(attention)
+        if scan_bits and not (scan_layers and remat == "full"):
+            raise ValueError(
+                "scan_bits=True needs scan_layers=True and remat='full' (it replaces the "
+                f"scanned, fully rematerialised layer stack); got scan_layers={scan_layers}, "
+                f"remat={remat!r}."
+            )
         self.config = cfg
         self.dtype = dtype
         self.scan_layers = bool(scan_layers)
         self.remat = remat
+        self.scan_bits = bool(scan_bits)
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -265,7 +281,10 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(position_ids, inv_freq, self.dtype)
         masks = (allowed, allowed_sliding)
 
-        x = self.embed_tokens(input_ids)
+        if self.scan_bits:
+            x = bits_take(self.embed_tokens.embedding[...], input_ids).astype(self.dtype)
+        else:
+            x = self.embed_tokens(input_ids)
         if self.scan_layers and cache is None:
             x, captured = self._scanned(x, cos, sin, masks, hidden_layers)
             new_keys = new_values = ()
@@ -305,6 +324,13 @@ class LlamaForCausalLM(nnx.Module):
         cfg = self.config
         graphdef, state = nnx.split(self.layers)
         sliding = jnp.asarray([cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)])
+        if self.scan_bits and not hidden_layers:
+
+            def apply(layer_state, h, rope, masks, slides):
+                mask = masks[0] if masks[1] is None else jnp.where(slides, masks[1], masks[0])
+                return nnx.merge(graphdef, layer_state)(h, *rope, mask, None, None)[0]
+
+            return bits_scan(apply, state, x, (cos, sin), masks, sliding), {}
 
         def body(carry, xs):
             h, captured = carry
