@@ -521,9 +521,15 @@ def make_step(
         # versions of every parameter and moment are live at once, so XLA copies the donated
         # buffers (on a 1B model ~9 GiB of float32 moment copies); with `lax.cond` the update
         # writes into them in place and the skipped branch passes them through.
-        new_params, new_opt_state = lax.cond(
-            finite, apply_update, lambda _: (params, opt_state), None
-        )
+        # The skipped branch keeps the values in the update's dtypes (an optimizer may
+        # promote, e.g. bfloat16 moments updated with float32 gradients), as `where` did.
+        updated = jax.eval_shape(apply_update, None)
+
+        def keep(_):
+            kept = (params, opt_state)
+            return jax.tree.map(lambda x, s: jnp.asarray(x, s.dtype), kept, updated)
+
+        new_params, new_opt_state = lax.cond(finite, apply_update, keep, None)
         new_state = keep_if_finite(finite, new_state, objective_state)
         lr = learning_rate(new_opt_state)
         if lr is not None:
