@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_models import _both_gradients, hf_config, padded_batch
+from test_models import assert_gradients_match_torch, hf_config, padded_batch
 
 from jaxunlearn import train
-from jaxunlearn.models import ModelConfig, build_model, hf_param_map
+from jaxunlearn.models import ModelConfig, build_model
 from jaxunlearn.models.scan_bits import bits_scan, bits_take
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -135,16 +135,7 @@ def test_scan_bits_model_gradients_match_torch(arch, tiny_hf_model):
     ids, mask = padded_batch("right")
     labels = np.where(mask == 1, ids, -100)
     labels[:, 0] = -100
-    torch_grads, grads = _both_gradients(torch_model, model, ids, mask, labels)
-    mapping = hf_param_map(model.config, scan_layers=True)
-    for path, g in grads:
-        spec = mapping[".".join(map(str, path))]
-        got = np.asarray(g[...])
-        layers = [got] if spec.layers is None else list(got)
-        for key, value in zip(spec.keys(), layers):
-            ref = torch_grads[key].T if spec.transpose else torch_grads[key]
-            scale = max(np.abs(ref).max(), 1e-8)
-            np.testing.assert_allclose(value, ref, atol=1e-4 * scale, rtol=0, err_msg=key)
+    assert_gradients_match_torch(torch_model, model, ids, mask, labels, scan_layers=True)
 
 
 @pytest.mark.slow  # ~20 s on the shared CPU; the toy bf16 case above stays in the default suite

@@ -376,6 +376,21 @@ def _both_gradients(torch_model, model, ids, mask, labels):
     return torch_grads, nnx.to_flat_state(jax.jit(jax.grad(loss_fn))(params))
 
 
+def assert_gradients_match_torch(torch_model, model, ids, mask, labels, *, scan_layers=None):
+    """`_both_gradients`, compared per HF tensor (stacked layers split) to 1e-4 of its scale."""
+    torch_grads, grads = _both_gradients(torch_model, model, ids, mask, labels)
+    scan_layers = model.scan_layers if scan_layers is None else scan_layers
+    mapping = hf_param_map(model.config, scan_layers=scan_layers)
+    for path, g in grads:
+        spec = mapping[".".join(map(str, path))]
+        got = np.asarray(g[...])
+        layers = [got] if spec.layers is None else list(got)
+        for key, value in zip(spec.keys(), layers):
+            ref = torch_grads[key].T if spec.transpose else torch_grads[key]
+            scale = max(np.abs(ref).max(), 1e-8)
+            np.testing.assert_allclose(value, ref, atol=1e-4 * scale, rtol=0, err_msg=key)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_parameter_gradients_match_torch(arch, tiny_hf_model, nnx_twin):
     """The backward pass (custom JVPs in models/layers.py) equals torch autograd."""
@@ -471,16 +486,7 @@ def test_scale_options_keep_parameter_gradients(arch, option, tiny_hf_model, tmp
     ids, mask = padded_batch("right")
     labels = np.where(mask == 1, ids, -100)
     labels[:, 0] = -100
-    torch_grads, grads = _both_gradients(torch_model, model, ids, mask, labels)
-    mapping = hf_param_map(model.config, scan_layers=model.scan_layers)
-    for path, g in grads:
-        spec = mapping[".".join(map(str, path))]
-        got = np.asarray(g[...])
-        layers = [got] if spec.layers is None else list(got)
-        for key, value in zip(spec.keys(), layers):
-            ref = torch_grads[key].T if spec.transpose else torch_grads[key]
-            scale = max(np.abs(ref).max(), 1e-8)
-            np.testing.assert_allclose(value, ref, atol=1e-4 * scale, rtol=0, err_msg=key)
+    assert_gradients_match_torch(torch_model, model, ids, mask, labels)
 
 
 def test_scanned_model_generates_like_the_unrolled_one(tiny_hf_model, tmp_path):

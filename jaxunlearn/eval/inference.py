@@ -499,12 +499,7 @@ def score_examples(
         )
         pending.append((indices, bucket, out))
     width = max(lengths) - 1
-    n = len(examples)
-    fields = {"logprob": np.zeros((n, width), np.float32), "mask": np.zeros((n, width), np.float32)}
-    if stats:
-        for name in ("entropy_mean", "entropy_std", "argmax_match"):
-            fields[name] = np.zeros((n, width), np.float32)
-    targets = np.full((n, width), IGNORE_INDEX, np.int32)
+    fields = _empty_fields(len(examples), width, stats)
     # Results are fetched only after every batch is dispatched, so the host pads the next
     # batch while the device computes.
     for indices, bucket, out in pending:
@@ -512,10 +507,22 @@ def score_examples(
         cols = min(bucket - 1, width)
         for name, array in fields.items():
             array[indices, :cols] = np.asarray(getattr(host, name))[: len(indices), :cols]
+    return TokenArrays(targets=_targets(examples, width), **fields)
+
+
+def _empty_fields(n: int, width: int, stats: bool) -> dict[str, np.ndarray]:
+    """Zeroed [n, width] float32 host arrays of the `TokenArrays` score fields."""
+    names = ["logprob", "mask"] + (["entropy_mean", "entropy_std", "argmax_match"] if stats else [])
+    return {name: np.zeros((n, width), np.float32) for name in names}
+
+
+def _targets(examples: Sequence[Mapping[str, Any]], width: int) -> np.ndarray:
+    """[n, width] int32 next-token labels of each example (-100 beyond it)."""
+    targets = np.full((len(examples), width), IGNORE_INDEX, np.int32)
     for i, example in enumerate(examples):
         labels = np.asarray(example["labels"], np.int32)[1:]
         targets[i, : len(labels)] = labels
-    return TokenArrays(targets=targets, **fields)
+    return targets
 
 
 # ----------------------------------------------------------------------------- packed scoring
@@ -730,9 +737,7 @@ def score_packed(
 def _unpack(examples, lengths, pending, stats: bool) -> TokenArrays:
     """Scatters packed-row scores back to one `score_examples`-layout row per example."""
     width = max(lengths) - 1
-    n = len(examples)
-    names = ["logprob", "mask"] + (["entropy_mean", "entropy_std", "argmax_match"] if stats else [])
-    fields = {name: np.zeros((n, width), np.float32) for name in names}
+    fields = _empty_fields(len(examples), width, stats)
     for where, out in pending:
         host = jax.device_get(out)
         for index, (row, start, prefix, length) in where.items():
@@ -741,11 +746,7 @@ def _unpack(examples, lengths, pending, stats: bool) -> TokenArrays:
                 array[index, prefix : prefix + length - 1] = np.asarray(getattr(host, name))[
                     row, start : start + length - 1
                 ]
-    targets = np.full((n, width), IGNORE_INDEX, np.int32)
-    for i, example in enumerate(examples):
-        labels = np.asarray(example["labels"], np.int32)[1:]
-        targets[i, : len(labels)] = labels
-    return TokenArrays(targets=targets, **fields)
+    return TokenArrays(targets=_targets(examples, width), **fields)
 
 
 def score_items(
