@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from jaxunlearn.models import filter_logits, generate, init_cache
-from jaxunlearn.models.generate import _generate_jit
+from jaxunlearn.models.generate import _generate_jit, segment_ends
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -85,6 +85,41 @@ def test_greedy_matches_transformers_generate(arch, tiny_hf_model, nnx_twin):
     # Without an EOS hit, all n tokens equal HF's free run.
     free = generate(model, ids, mask, max_new_tokens=n, eos_token_id=None, pad_token_id=PAD)
     np.testing.assert_array_equal(np.asarray(free), free_run)
+
+
+@pytest.mark.parametrize("attention", ["einsum", "dot_product_attention"])
+def test_greedy_matches_transformers_across_cache_segments(attention, tiny_hf_model, tmp_path):
+    """40 new tokens run as three cache segments (16, 32, 40 slots past the prompt): the
+    cache grows between them and a row that stops in the second keeps padding."""
+    from jaxunlearn.checkpoints import load_pretrained
+
+    n = 40
+    assert segment_ends(n) == (16, 32, 40)
+    torch_model = tiny_hf_model(hf_config("llama"))
+    torch_model.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path, attention=attention)
+    ids, mask = left_padded_prompts(seed=1)
+    free_run = hf_greedy(torch_model, ids, mask, n, eos=VOCAB + 1)
+    kw = dict(max_new_tokens=n, pad_token_id=PAD)
+    ours = generate(model, ids, mask, eos_token_id=None, **kw)
+    np.testing.assert_array_equal(np.asarray(ours), free_run)
+    eos = int(free_run[1, 20])
+    stop = int(np.flatnonzero(free_run[1] == eos)[0])  # first time row 1 emits it
+    ref = hf_greedy(torch_model, ids, mask, n, eos=eos)
+    ours = np.asarray(generate(model, ids, mask, eos_token_id=eos, **kw))
+    np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
+    assert (ours[1, stop + 1 :] == PAD).all()
+
+
+def test_segment_ends():
+    assert segment_ends(1) == (1,)
+    assert segment_ends(16) == (16,)
+    assert segment_ends(17) == (16, 17)
+    assert segment_ends(200) == (64, 128, 192, 200)
+    assert segment_ends(200, segments=1) == (200,)
+    for n in (5, 63, 64, 65, 199, 1000):
+        ends = segment_ends(n)
+        assert ends[-1] == n and len(ends) <= 5 and list(ends) == sorted(set(ends))
 
 
 def test_cached_decoding_matches_full_forward(tiny_hf_model, nnx_twin):

@@ -3,6 +3,12 @@
 The cache is a plain pytree (a NamedTuple of arrays) so it passes through `jax.jit`,
 `jax.lax.while_loop` and donation like any other state. Its size is fixed at creation
 (prompt length + new tokens), so every decode step has the same shapes and compiles once.
+
+Keys and values are stored key/value-head-major, [batch, kv_heads, slots, head_dim]: a
+decode step reads each head's slots as one contiguous block, and attention reads the
+cache in place instead of transposing all of it every step (on XLA:CPU that transpose
+and the batched matrix-vector products it fed cost more than the model's matmuls at a
+few hundred slots; see `jaxunlearn.models.layers.cached_attention`).
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ class KVCache(NamedTuple):
     attends over all valid slots at or before each query's slot.
 
     Attributes:
-      keys: per layer, [batch, max_length, kv_heads, head_dim] keys (after RoPE).
-      values: per layer, [batch, max_length, kv_heads, head_dim] values.
+      keys: per layer, [batch, kv_heads, max_length, head_dim] keys (after RoPE).
+      values: per layer, [batch, kv_heads, max_length, head_dim] values.
       mask: [batch, max_length] int32, 1 where a slot holds a real (non-padding) token.
       index: [] int32, the number of slots written so far (the next write position).
     """
@@ -53,7 +59,7 @@ def init_cache(
     Returns:
       A `KVCache` of zeros with `index == 0`.
     """
-    shape = (batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
     return KVCache(
         keys=zeros,
@@ -66,10 +72,14 @@ def init_cache(
 def update_layer(
     cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Writes [B, T, Hkv, Dh] keys/values at slot `index` of one layer's cache."""
-    start = (0, index, 0, 0)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+    """Writes [B, T, Hkv, Dh] keys/values at slots [index, index + T) of one layer's cache.
+
+    Returns the layer's updated ([B, Hkv, S, Dh] keys, values).
+    """
+    start = (0, 0, index, 0)
+    k, v = (x.transpose(0, 2, 1, 3).astype(cache_k.dtype) for x in (k, v))
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k, start)
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v, start)
     return cache_k, cache_v
 
 

@@ -20,6 +20,7 @@ from jaxunlearn.models.layers import (
     LayerNorm,
     activation,
     attention,
+    cached_attention,
     check_hidden_layers,
     linear_dot_general,
     matmul,
@@ -73,10 +74,11 @@ class GPT2Attention(nnx.Module):
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         shape = (b, t, self.num_heads, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        if layer_cache is not None:
-            k, v = kv_cache.update_layer(*layer_cache, k, v, cache_index)
-            layer_cache = (k, v)
-        out = attention(q, k, v, allowed, self.scale, self.implementation)
+        if layer_cache is None:
+            out = attention(q, k, v, allowed, self.scale, self.implementation)
+        else:
+            layer_cache = kv_cache.update_layer(*layer_cache, k, v, cache_index)
+            out = cached_attention(q, *layer_cache, allowed, self.scale, self.implementation)
         return self.c_proj(out.reshape(b, t, d)), layer_cache
 
 

@@ -342,15 +342,69 @@ def dot_product_attention(
       Vaswani et al., "Attention Is All You Need", 2017, arXiv:1706.03762. Grouped-query
       attention: Ainslie et al., "GQA", 2023, arXiv:2305.13245.
     """
+    return _grouped_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed, scale)
+
+
+def _grouped_attention(q, k, v, allowed, scale):
+    # q [B, T, H, D]; k, v key/value-head-major [B, KV, S, D].
     b, t, h, _ = q.shape
-    kv, s = k.shape[2], k.shape[1]
+    kv, s = k.shape[1], k.shape[2]
     g = h // kv
     # [B, T, S] -> [B, 1, T*G, S], rows ordered like _to_kv_major's.
     mask = jnp.broadcast_to(allowed[:, None, :, None, :], (b, 1, t, g, s)).reshape(b, 1, t * g, s)
-    out = _attention(
-        _to_kv_major(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, scale
-    )
-    return _from_kv_major(out, t)
+    return _from_kv_major(_attention(_to_kv_major(q, kv), k, v, mask, scale), t)
+
+
+def _decode_attention(q, k, v, allowed, scale):
+    # One query per row: q [B, 1, H, D] over k, v [B, KV, S, D]. Written as broadcast
+    # products summed over head_dim (scores) and over slots (outputs): XLA fuses each into
+    # one pass over the cache, where the [G, D] x [D, S] matrix products per (row, head)
+    # measured 2-5x slower on XLA:CPU (S = 256-512, 32 rows). Same float32 scores and
+    # softmax as `_attention_probs`, probabilities rounded to the values' dtype as there.
+    b, _, h, d = q.shape
+    kv = k.shape[1]
+    f32 = jnp.float32
+    q = q.reshape(b, kv, h // kv, 1, d).astype(f32)
+    scores = jnp.sum(q * k[:, :, None].astype(f32), axis=-1)  # [B, KV, G, S]
+    mask = allowed[:, :, None, :]  # [B, 1, 1, S]
+    scores = jnp.where(mask, scores * scale, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).astype(f32)
+    out = jnp.sum(probs[..., None] * v[:, :, None].astype(f32), axis=3)  # [B, KV, G, D]
+    return out.reshape(b, 1, h, d).astype(v.dtype)
+
+
+def cached_attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b kv s d"],
+    v: Float[Array, "b kv s d"],
+    allowed: Bool[Array, "b t s"],
+    scale: float,
+    implementation: str = "auto",
+) -> Float[Array, "b t h d"]:
+    """`attention` over a KV cache stored key/value-head-major ([B, KV, S, D]).
+
+    The einsum path reads the cache in place: a prefill (T > 1) runs the grouped
+    attention of `dot_product_attention` without transposing keys/values, a decode step
+    (T == 1) sums broadcast products over the cache (see `_decode_attention`);
+    `jax.nn.dot_product_attention` gets the [B, S, KV, D] layout it expects.
+
+    Args:
+      q: [B, T, H, D] queries (after RoPE).
+      k: [B, KV, S, D] cached keys, including the T new ones.
+      v: [B, KV, S, D] cached values.
+      allowed: [B, T, S] True where query t may attend to slot s.
+      scale: score multiplier.
+      implementation: one of `ATTENTION_IMPLEMENTATIONS`.
+
+    Returns:
+      [B, T, H, D] attention outputs in the dtype of `v`.
+    """
+    if resolve_attention(implementation) != "einsum":
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        return attention(q, k, v, allowed, scale, implementation)
+    if q.shape[1] == 1:
+        return _decode_attention(q, k, v, allowed, scale)
+    return _grouped_attention(q, k, v, allowed, scale)
 
 
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "einsum", "dot_product_attention")

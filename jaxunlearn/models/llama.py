@@ -24,6 +24,7 @@ from jaxunlearn.models.layers import (
     activation,
     apply_rope,
     attention,
+    cached_attention,
     check_hidden_layers,
     linear_dot_general,
     matmul,
@@ -92,10 +93,12 @@ class Attention(nnx.Module):
         if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
             q_bthd, k_btkd = self.q_norm(q_bthd), self.k_norm(k_btkd)
         q_bthd, k_btkd = apply_rope(q_bthd, cos, sin), apply_rope(k_btkd, cos, sin)
-        if layer_cache is not None:
-            k_btkd, v_btkd = kv_cache.update_layer(*layer_cache, k_btkd, v_btkd, cache_index)
-            layer_cache = (k_btkd, v_btkd)
-        out = attention(q_bthd, k_btkd, v_btkd, allowed, self.head_dim**-0.5, self.implementation)
+        scale = self.head_dim**-0.5
+        if layer_cache is None:
+            out = attention(q_bthd, k_btkd, v_btkd, allowed, scale, self.implementation)
+        else:
+            layer_cache = kv_cache.update_layer(*layer_cache, k_btkd, v_btkd, cache_index)
+            out = cached_attention(q_bthd, *layer_cache, allowed, scale, self.implementation)
         return self.o_proj(out.reshape(b, t, -1)), layer_cache
 
 
