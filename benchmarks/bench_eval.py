@@ -15,8 +15,8 @@ with a BPE tokenizer (vocab 4096) trained on TOFU text and a small chat template
   same ROUGE scoring of the decoded text.
 
 Both sides report where their time goes, per phase: tokenize, compile (JAX), teacher-forced
-scoring per split (score/forget, score/retain, score/ra, score/wf, score/holdout), generate,
-metrics. The JAX phases come from the library's own hook (`eval.inference.collect_timings`),
+scoring (torch per split: score/forget, score/retain, score/ra, score/wf, score/holdout; JAX
+scores every split in one packed call, score/all), generate, metrics. The JAX phases come from the library's own hook (`eval.inference.collect_timings`),
 not from a copy of its pipeline. The compiled JAX runs and the torch runs alternate
 (JAX, torch, torch, JAX, ...) and, on Linux, a round is timed only while other processes
 leave the CPUs idle (`--gate`, as bench_model.py); the first JAX run (with compilation) waits
@@ -272,6 +272,7 @@ PHASE_ORDER = (
     "score/ra",
     "score/wf",
     "score/holdout",
+    "score/all",
     "generate",
     "metrics",
     "other",
