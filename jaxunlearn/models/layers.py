@@ -383,10 +383,11 @@ def cached_attention(
 ) -> Float[Array, "b t h d"]:
     """`attention` over a KV cache stored key/value-head-major ([B, KV, S, D]).
 
-    The einsum path reads the cache in place: a prefill (T > 1) runs the grouped
-    attention of `dot_product_attention` without transposing keys/values, a decode step
-    (T == 1) sums broadcast products over the cache (see `_decode_attention`);
-    `jax.nn.dot_product_attention` gets the [B, S, KV, D] layout it expects.
+    A decode step (T == 1) sums broadcast products over the cache in place on every
+    backend (`_decode_attention`: one pass over the cache, no per-step transpose of it).
+    A prefill (T > 1) on the einsum path runs the grouped attention of
+    `dot_product_attention` on the stored layout; `jax.nn.dot_product_attention` gets the
+    [B, S, KV, D] layout it expects.
 
     Args:
       q: [B, T, H, D] queries (after RoPE).
@@ -399,11 +400,11 @@ def cached_attention(
     Returns:
       [B, T, H, D] attention outputs in the dtype of `v`.
     """
+    if q.shape[1] == 1:
+        return _decode_attention(q, k, v, allowed, scale)
     if resolve_attention(implementation) != "einsum":
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         return attention(q, k, v, allowed, scale, implementation)
-    if q.shape[1] == 1:
-        return _decode_attention(q, k, v, allowed, scale)
     return _grouped_attention(q, k, v, allowed, scale)
 
 
