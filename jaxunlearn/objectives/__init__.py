@@ -20,7 +20,9 @@ batch {"forget", "retain", ("alternate")} and offers one protocol for the traini
     L_r, aux_r = objective.retain_loss(forward, batch, ref_forward=ref_forward)
     # updates = gamma · grad L_f, retain_grads = alpha · grad L_r
 
-`aux` always holds "loss", "forget_loss" and "retain_loss" (unweighted).
+`aux` always holds "loss", "forget_loss" and "retain_loss" (unweighted). A combined
+objective's call runs the model once on the rows of all the parts its terms read, stacked
+(`one_call=True`, the default: one forward and one backward pass, the same numbers).
 """
 
 from jaxunlearn.objectives._base import (
