@@ -74,7 +74,7 @@ def toy():
             logits = h1 @ p["embed"].T if return_logits else None
             return CausalLMOutput(logits, Head(h1, p["embed"].T), states)
 
-        return forward
+        return ob.rowwise(forward)
 
     return make_forward, params
 
@@ -84,6 +84,7 @@ def counted(forward, calls):
         calls.append(tuple(np.shape(kwargs["input_ids"])))
         return forward(**kwargs)
 
+    wrapped.rowwise = ob._rows.is_rowwise(forward)  # the wrapper keeps the forward's mark
     return wrapped
 
 
@@ -201,3 +202,25 @@ def test_other_calls_go_to_the_model_unchanged(toy):
     assert calls == [(2, 10), (3, 10), (5, 10)]
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(rows, rows_alone, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_not_marked_rowwise_is_called_once_per_part(toy):
+    make_forward, params = toy
+    objective = ob.forget_retain(ob.npo(0.1, chunk_size=CHUNK), ob.nll(chunk_size=CHUNK))
+    unmarked = (lambda p: lambda **kw: make_forward(p)(**kw), params)
+    assert not ob._rows.is_rowwise(unmarked[0](params))
+    assert ob._rows.is_rowwise(make_forward(params))
+    *_, calls = loss_and_grad(objective, unmarked, npo_batch())
+    assert calls == [(2, 10), (3, 10)]
+
+
+def test_a_forward_that_does_not_map_rows_to_rows_is_an_error(toy):
+    make_forward, params = toy
+
+    def first_rows(p):  # a forward that drops the stacked rows after the first two
+        return ob.rowwise(lambda **kw: make_forward(p)(**{**kw, "input_ids": kw["input_ids"][:2],
+                                                          "attention_mask": kw["attention_mask"][:2]}))  # fmt: skip
+
+    objective = ob.forget_retain(ob.npo(0.1, chunk_size=CHUNK), ob.nll(chunk_size=CHUNK))
+    with pytest.raises(ValueError, match="2.* rows for the 5 stacked rows.*one_call=False"):
+        loss_and_grad(objective, (first_rows, params), npo_batch())

@@ -202,8 +202,9 @@ class ForgetRetain:
     unweighted) and each term's metrics prefixed "forget/" and "retain/".
 
     A call runs the model once on the forget and retain rows stacked (when the parts have
-    the same sequence length; `stacked_rows`), not once per part: the same losses and
-    gradients, with one backward pass. For gradient transforms that need the two gradients
+    the same sequence length and the forward is marked `rowwise`, as `train.model_forward`'s
+    are; `stacked_rows`), not once per part: the same losses and gradients, with one
+    backward pass. For gradient transforms that need the two gradients
     apart (GU, HAMU), evaluate `forget_loss` and `retain_loss` separately (one call each)
     and weight them with `weights(state)`.
     Every combined objective (this one and PDU's `PrimalDual`) offers the same state
@@ -216,8 +217,9 @@ class ForgetRetain:
       retain: retain term, or None for no retain term (GA, CE-U, FLAT).
       gamma: forget weight.
       alpha: retain weight.
-      one_call: stack the parts' rows into one model call (valid for models that treat
-        rows independently, as causal LMs do); False calls the model once per part.
+      one_call: stack the parts' rows into one model call when the forward is marked
+        `rowwise` (its rows do not interact, as in causal LMs); False calls the model once
+        per part.
     """
 
     forget: Term

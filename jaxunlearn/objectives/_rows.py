@@ -11,6 +11,10 @@ same sums (a causal LM treats rows independently); on a scanned bfloat16 model t
 A term is served from the shared call when it calls the forward (`run_model`) or scores
 (`model_scores`) on one of the parts *as it was passed*, recognised by the identity of its
 `input_ids` array; anything else (another batch, other inputs) goes to the model as before.
+
+Only a forward marked `rowwise` (one whose rows do not interact; `jaxunlearn.train.
+model_forward` marks its forwards, as every causal LM port qualifies) is stacked; any other
+callable is called once per part, as before.
 """
 
 from __future__ import annotations
@@ -27,6 +31,19 @@ from jaxunlearn.models.outputs import CausalLMOutput, Head
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 # The entries whose per-row shapes must agree for rows to be stacked.
 _ROW_KEYS = (*_MODEL_KEYS, "labels")
+
+
+def rowwise(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark `forward` as treating the rows of a batch independently (no batch statistics,
+    no interaction between rows), so combined objectives may stack their parts' rows into
+    one call of it. Returns `forward`."""
+    forward.rowwise = True
+    return forward
+
+
+def is_rowwise(forward: Any) -> bool:
+    """Whether `forward` was marked with `rowwise`."""
+    return bool(getattr(forward, "rowwise", False))
 
 
 def _row_signature(part: Any) -> tuple | None:
@@ -46,8 +63,27 @@ def _row_signature(part: Any) -> tuple | None:
     return tuple(sig)
 
 
-def _slice_output(out: Any, start: int, stop: int) -> Any:
-    """Rows [start, stop) of a `CausalLMOutput` (the unembedding kernel is shared)."""
+def _is_lm_output(out: Any) -> bool:
+    """A `CausalLMOutput`, or anything with its logits / head / hidden_states fields."""
+    fields = ("logits", "head", "hidden_states")
+    return all(hasattr(out, f) for f in fields) and getattr(out, "cache", None) is None
+
+
+def _check_rows(out: Any, rows: int) -> None:
+    """ValueError unless every per-row field of the stacked call's output has `rows` rows."""
+    arrays = [out.logits, None if out.head is None else out.head.hidden]
+    arrays += list(out.hidden_states.values())
+    got = {int(jnp.shape(a)[0]) for a in arrays if a is not None}
+    if got - {rows}:
+        raise ValueError(
+            f"one_call: the model returned {sorted(got)} rows for the {rows} stacked rows of "
+            "the forget/retain parts; a forward must map rows to rows (pass one_call=False "
+            "to forget_retain to call it once per part)."
+        )
+
+
+def _slice_output(out: Any, start: int, stop: int) -> CausalLMOutput:
+    """Rows [start, stop) of a model output (the unembedding kernel is shared)."""
     rows = slice(start, stop)
     head = out.head
     if head is not None:
@@ -129,7 +165,7 @@ class StackedRowsForward:
             self._outputs[key] = self.forward(**model_kwargs, **dict(key))
         return self._outputs[key]
 
-    def stacked_call(self, kwargs: Mapping[str, Any]) -> tuple[int, CausalLMOutput] | None:
+    def stacked_call(self, kwargs: Mapping[str, Any]) -> tuple[int, Any] | None:
         """(part index, output of the stacked call) for a model call on one of the parts
         (computed once per distinct set of other keyword arguments), else None."""
         served = self._served(kwargs)
@@ -137,8 +173,9 @@ class StackedRowsForward:
             return None
         index, key = served
         out = self._stacked_output(key)
-        if not isinstance(out, CausalLMOutput) or out.cache is not None:
-            return None  # nothing to slice safely; the unused stacked call is dead code
+        if not _is_lm_output(out):
+            return None  # nothing to slice; under jit the unused stacked call is dead code
+        _check_rows(out, self.bounds[-1][1])
         return index, out
 
     def __call__(self, **kwargs: Any) -> Any:
@@ -170,7 +207,8 @@ class StackedRowsForward:
 
 def stacked_rows(forward: Callable[..., Any], parts: Sequence[Any]) -> Callable[..., Any]:
     """`forward`, serving the largest group of same-length sequence batches in `parts`
-    from one model call (a `StackedRowsForward`); `forward` itself when no two match.
+    from one model call (a `StackedRowsForward`); `forward` itself when it is not marked
+    `rowwise` or no two parts match.
 
     Args:
       forward: the model's forward.
@@ -179,6 +217,8 @@ def stacked_rows(forward: Callable[..., Any], parts: Sequence[Any]) -> Callable[
     Returns:
       A forward for the objective's terms.
     """
+    if not is_rowwise(forward):
+        return forward
     groups: dict[tuple, list] = {}
     for part in parts:
         sig = _row_signature(part)

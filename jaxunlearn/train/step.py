@@ -44,12 +44,16 @@ def model_forward(graphdef: nnx.GraphDef, params: Any, rest: Any) -> Callable[..
       rest: the remaining state.
 
     Returns:
-      ``forward(**kw) = nnx.merge(graphdef, params, rest)(**kw)``.
+      ``forward(**kw) = nnx.merge(graphdef, params, rest)(**kw)``, marked
+      `objectives.rowwise`: combined objectives may run it once on their parts' rows
+      stacked (the rows of a causal LM batch do not interact; image batches, the only
+      input of the batch-norm vision models, are never stacked).
     """
 
     def forward(**kwargs):
         return nnx.merge(graphdef, params, rest)(**kwargs)
 
+    forward.rowwise = True  # see jaxunlearn.objectives.rowwise
     return forward
 
 
