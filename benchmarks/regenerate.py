@@ -15,8 +15,8 @@ each section with its command, machine and whether the quiet gate held.
 
 ``--quick`` writes to benchmarks/results/quick/ and renders
 benchmarks/results/quick/BENCHMARKS.md, so a smoke run never replaces real results.
-Benchmarks in the "heavy" group (audit_small: ~20 min) and the accelerator benchmark (needs
-a GPU/TPU) run only when named with ``--only``.
+Benchmarks in the "heavy" group (audit_small: ~20 min; bench_1b_cpu: ~15 min and ~18 GiB
+resident) and the accelerator benchmark (needs a GPU/TPU) run only when named with ``--only``.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ BENCHES = [
         "bench_demo", "bench_demo.py", ("--preset", "small"), ("--preset", "tiny"), "extra", 8
     ),  # fmt: skip
     Bench("audit_small", "audit_small.py", ("--out", "/dev/null"), None, "heavy", 25),
+    # ~18 GiB resident: run it alone on the machine
+    Bench("bench_1b_cpu", "bench_1b_cpu.py", (), ("--smoke",), "heavy", 15),
     Bench("bench_accelerator", "bench_accelerator.py", (), ("--smoke",), "accelerator", 5),
 ]
 BY_NAME = {b.name: b for b in BENCHES}

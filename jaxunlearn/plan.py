@@ -18,10 +18,11 @@ only the adapters are trained (parameters, gradients and optimizer state), the b
 frozen argument of the step. A mesh with a ``model`` axis plans tensor parallelism
 (`jaxunlearn.parallel_rules`: heads, MLP hidden and vocabulary split, combined with FSDP).
 
-``scan_bits=True`` (``--scan-bits``) plans the CPU-friendly layer scan of
-`jaxunlearn.models.scan_bits` (bfloat16 weights carried as uint16 bits): on XLA:CPU with
+``scan_bits=True`` (``--scan-bits``) plans the CPU memory mode: the layer scan of
+`jaxunlearn.models.scan_bits` (bfloat16 weights carried as uint16 bits; on XLA:CPU with
 bfloat16 parameters it removes the float32 copies of the weight stack and its gradient that
-XLA:CPU's bfloat16 normalisation otherwise adds.
+XLA:CPU's bfloat16 normalisation otherwise adds) and the step compiled with XLA:CPU's
+memory-optimised scheduler (`jaxunlearn.train.step.CPU_MEMORY_SCHEDULING`).
 
 Example:
   >>> from jaxunlearn import plan
@@ -387,9 +388,12 @@ def _setup(
         in_step = set(train.reference_parts(recipe.objective, graphdef, params, rest, batch,
                                             objective_state, split=split))  # fmt: skip
     ref_params = params if in_step else None
+    from jaxunlearn.train.step import CPU_MEMORY_SCHEDULING
+
     step = train.make_step(
-        graphdef, rest, recipe.objective, tx, ref_params=ref_params, micro_batches=micro_batches
-    )
+        graphdef, rest, recipe.objective, tx, ref_params=ref_params,
+        micro_batches=micro_batches, compiler_options=CPU_MEMORY_SCHEDULING if scan_bits else None,
+    )  # fmt: skip
     opt_state = _placed(jax.eval_shape(tx.init, params), mesh)
     if objective_state is not None:
         objective_state = jax.tree.map(
@@ -413,7 +417,12 @@ def _compile(s: _Setup, mesh: Any) -> tuple[Any, float]:
         replicated,
     )
     start = time.perf_counter()
-    jitted = jax.jit(s.step.update_fn, donate_argnums=(0, 1), out_shardings=shardings)
+    jitted = jax.jit(
+        s.step.update_fn,
+        donate_argnums=(0, 1),
+        out_shardings=shardings,
+        compiler_options=s.step.compiler_options,
+    )
     compiled = jitted.lower(
         s.params, s.opt_state, s.batch, s.objective_state, s.step.frozen
     ).compile()
@@ -495,7 +504,9 @@ def plan(
       lora_targets: kernels to adapt (default all: q, k, v, o, gate, up, down).
       scan_bits: run the scanned layers with bfloat16 weights carried as uint16 bits
         (`jaxunlearn.models.scan_bits`; needs remat "full"): on XLA:CPU with bfloat16
-        parameters this removes the float32 copies of the weight stack and its gradient.
+        parameters this removes the float32 copies of the weight stack and its gradient;
+        and compile the step with XLA:CPU's memory-optimised scheduler
+        (`jaxunlearn.train.step.CPU_MEMORY_SCHEDULING`), as a CPU run should.
 
     Returns:
       The `Plan`.
@@ -654,7 +665,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--remat", default="matmuls", help="none | matmuls | full")
     a("--no-scan", action="store_true", help="unstacked layers (compile time grows with depth)")
     a("--scan-bits", action="store_true",
-      help="bf16 layer weights through the scan as uint16 bits (XLA:CPU; needs --remat full)")  # fmt: skip
+      help="CPU memory mode: bf16 layer weights through the scan as uint16 bits and XLA:CPU's "
+           "memory-optimised scheduler (needs --remat full)")  # fmt: skip
     a("--micro-batches", type=int, default=1)
     a("--lora", type=int, default=None, metavar="R",
       help="plan LoRA unlearning: adapters of rank R trained, the base frozen")  # fmt: skip

@@ -251,3 +251,63 @@ def test_plan_with_scan_bits_has_smaller_temporaries(tmp_path):
     assert bits.temp_bytes < plain.temp_bytes, (bits.temp_bytes, plain.temp_bytes)
     with pytest.raises(ValueError, match="remat='full'"):
         plan.plan(str(path), scan_bits=True, **{**kw, "remat": "matmuls"})
+
+
+def test_memory_scheduling_keeps_one_clipped_gradient_alive():
+    """XLA:CPU's default scheduler computes every leaf's clipped float32 gradient before any
+    moment is written (all alive at once); `CPU_MEMORY_SCHEDULING` finishes one leaf first."""
+    import optax
+
+    from jaxunlearn.parallel import float32_moments
+    from jaxunlearn.train.step import CPU_MEMORY_SCHEDULING
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("an XLA:CPU scheduler option")
+    leaves, shape = 3, (4, 128, 512)
+    params = {f"w{i}": jax.ShapeDtypeStruct(shape, jnp.bfloat16) for i in range(leaves)}
+    tx = float32_moments(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)))
+    state = jax.eval_shape(tx.init, params)
+
+    def update(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def temp(options):
+        jitted = jax.jit(update, donate_argnums=(0, 1), compiler_options=options)
+        return jitted.lower(params, state, params).compile().memory_analysis().temp_size_in_bytes
+
+    one_leaf = int(np.prod(shape)) * 4
+    assert temp(None) >= leaves * one_leaf  # the default: every clipped gradient at once
+    assert temp(CPU_MEMORY_SCHEDULING) < 2 * one_leaf
+
+
+def test_step_compiler_options_reach_xla_and_keep_the_numbers():
+    import optax
+
+    from jaxunlearn import objectives
+    from jaxunlearn.train.step import CPU_MEMORY_SCHEDULING
+
+    cfg = ModelConfig.from_hf_dict(hf_config("llama").to_dict())
+    model = build_model(cfg, scan_layers=True, remat="full", scan_bits=True)
+    graphdef, params, rest = train.split_model(model)
+    objective = objectives.forget_retain(objectives.grad_ascent(), objectives.nll())
+    ids, mask = padded_batch("right", 0)
+    part = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+            "labels": jnp.asarray(np.where(mask == 1, ids, -100))}  # fmt: skip
+    batch = {"forget": part, "retain": {**part, "labels": part["labels"][:, ::-1]}}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 (the step donates)
+    results = []
+    for options in (None, CPU_MEMORY_SCHEDULING):
+        step = train.make_step(graphdef, rest, objective, tx, compiler_options=options)
+        assert step.compiler_options == (None if options is None else dict(options))
+        out = step(copy(params), step.init(params), batch)
+        results.append(jax.tree.map(np.asarray, out[:2]))
+        assert float(out[3]["finite"]) == 1.0
+    for a, b in zip(*map(jax.tree.leaves, results), strict=True):
+        np.testing.assert_array_equal(a, b)  # a schedule changes no number
+    bad = train.make_step(graphdef, rest, objective, tx,
+                          compiler_options={"xla_cpu_scheduler_type": "NO_SUCH_SCHEDULER"})  # fmt: skip
+    if jax.default_backend() == "cpu":
+        with pytest.raises(Exception, match="xla_cpu_scheduler_type"):
+            bad(copy(params), bad.init(params), batch)

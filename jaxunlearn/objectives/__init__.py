@@ -20,7 +20,10 @@ batch {"forget", "retain", ("alternate")} and offers one protocol for the traini
     L_r, aux_r = objective.retain_loss(forward, batch, ref_forward=ref_forward)
     # updates = gamma · grad L_f, retain_grads = alpha · grad L_r
 
-`aux` always holds "loss", "forget_loss" and "retain_loss" (unweighted).
+`aux` always holds "loss", "forget_loss" and "retain_loss" (unweighted). A combined
+objective's call runs the model once on the rows of all the parts its terms read, stacked
+(`one_call=True`, the default: one forward and one backward pass, the same numbers) when
+the forward is marked `rowwise` (`jaxunlearn.train.model_forward`'s are).
 """
 
 from jaxunlearn.objectives._base import (
@@ -45,6 +48,7 @@ from jaxunlearn.objectives._rmu import (
     rmu_param_labels,
     rmu_retain,
 )
+from jaxunlearn.objectives._rows import rowwise
 
 __all__ = [
     "ForgetRetain",
@@ -73,6 +77,7 @@ __all__ = [
     "rmu_forget",
     "rmu_param_labels",
     "rmu_retain",
+    "rowwise",
     "satimp",
     "simnpo",
     "undial",

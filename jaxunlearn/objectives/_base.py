@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxunlearn.models.outputs import CausalLMOutput
+from jaxunlearn.objectives._rows import StackedRowsForward, stacked_rows
 from jaxunlearn.scores import DEFAULT_CHUNK_SIZE, sequence_logprob, token_scores
 
 Batch = Mapping[str, Any]
@@ -112,8 +113,13 @@ def scoring_source(out: Any, name: str) -> Any:
 def model_scores(
     forward: Forward, batch: Batch, name: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ):
-    """Run the model on a sequence batch and return its `TokenScores`."""
+    """Run the model on a sequence batch and return its `TokenScores` (from the shared
+    scoring pass when `forward` stacks this batch's rows with others: `stacked_rows`)."""
     batch = sequence_batch(batch, name)
+    if isinstance(forward, StackedRowsForward):
+        shared = forward.scores(batch, chunk_size)
+        if shared is not None:
+            return shared
     out = run_model(forward, batch)
     return token_scores(scoring_source(out, name), batch["labels"], chunk_size=chunk_size)
 
@@ -195,8 +201,12 @@ class ForgetRetain:
     on an unlearning batch; `aux` has "loss", "forget_loss", "retain_loss" (both
     unweighted) and each term's metrics prefixed "forget/" and "retain/".
 
-    For gradient transforms that need the two gradients apart (GU, HAMU), evaluate
-    `forget_loss` and `retain_loss` separately and weight them with `weights(state)`.
+    A call runs the model once on the forget and retain rows stacked (when the parts have
+    the same sequence length and the forward is marked `rowwise`, as `train.model_forward`'s
+    are; `stacked_rows`), not once per part: the same losses and gradients, with one
+    backward pass. For gradient transforms that need the two gradients
+    apart (GU, HAMU), evaluate `forget_loss` and `retain_loss` separately (one call each)
+    and weight them with `weights(state)`.
     Every combined objective (this one and PDU's `PrimalDual`) offers the same state
     protocol, so a training step can treat them alike:
     `state = objective.init_state()`, pass `state=state` to each call, then
@@ -207,12 +217,16 @@ class ForgetRetain:
       retain: retain term, or None for no retain term (GA, CE-U, FLAT).
       gamma: forget weight.
       alpha: retain weight.
+      one_call: stack the parts' rows into one model call when the forward is marked
+        `rowwise` (its rows do not interact, as in causal LMs); False calls the model once
+        per part.
     """
 
     forget: Term
     retain: Term | None = None
     gamma: float | jax.Array = 1.0
     alpha: float | jax.Array = 1.0
+    one_call: bool = True
 
     def forget_loss(
         self, forward: Forward, batch: Batch, *, ref_forward: Forward | None = None
@@ -229,6 +243,20 @@ class ForgetRetain:
             return jnp.zeros((), jnp.float32), {}
         part = batch_part(batch, "retain", "retain term")
         return self.retain(forward, part, ref_forward=ref_forward)
+
+    def shared_forward(self, forward: Forward, batch: Batch) -> Forward:
+        """`forward`, serving the parts the terms read from one model call on their stacked
+        rows (`stacked_rows`); `forward` itself when `one_call` is False or no two parts
+        have the same sequence length."""
+        if not self.one_call or not isinstance(batch, Mapping):
+            return forward
+        if is_paired(self.forget):
+            parts = [v for k, v in batch.items() if k != "retain"]
+        else:
+            parts = [batch.get("forget")]
+        if self.retain is not None:
+            parts.append(batch.get("retain"))
+        return stacked_rows(forward, parts)
 
     def init_state(self) -> None:
         """No state: returns None."""
@@ -254,6 +282,7 @@ class ForgetRetain:
     ) -> tuple[jax.Array, Aux]:
         if self.retain is not None:  # fail before the forget forward pass, not after it
             batch_part(batch, "retain", "retain term")
+        forward = self.shared_forward(forward, batch)
         forget_loss, forget_aux = self.forget_loss(forward, batch, ref_forward=ref_forward)
         retain_loss, retain_aux = self.retain_loss(forward, batch, ref_forward=ref_forward)
         gamma, alpha = self.weights(state)
@@ -267,6 +296,7 @@ def forget_retain(
     *,
     gamma: float | jax.Array = 1.0,
     alpha: float | jax.Array = 1.0,
+    one_call: bool = True,
 ) -> ForgetRetain:
     """Combine a forget term and a retain term: L = gamma · L_forget + alpha · L_retain.
 
@@ -278,6 +308,8 @@ def forget_retain(
       retain: retain term applied to batch["retain"], or None (no retain forward pass).
       gamma: forget weight.
       alpha: retain weight.
+      one_call: run the model once on the forget and retain rows stacked (same losses and
+        gradients; one backward pass); False runs it once per part.
 
     Returns:
       A `ForgetRetain` objective.
@@ -288,7 +320,7 @@ def forget_retain(
       >>> objective.weights()
       (1.0, 1.0)
     """
-    return ForgetRetain(forget=forget, retain=retain, gamma=gamma, alpha=alpha)
+    return ForgetRetain(forget=forget, retain=retain, gamma=gamma, alpha=alpha, one_call=one_call)
 
 
 def weighted_sum(*weighted_terms: tuple[float | jax.Array, Term]) -> Term:

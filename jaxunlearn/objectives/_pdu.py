@@ -164,6 +164,7 @@ class PrimalDual:
         ref_forward: Forward | None = None,
         state: PDUState | None = None,
     ) -> tuple[jax.Array, Aux]:
+        forward = self.objective.shared_forward(forward, batch)  # one model call for both
         forget_loss, forget_aux = self.forget_loss(forward, batch, ref_forward=ref_forward)
         retain_loss, retain_aux = self.retain_loss(forward, batch, ref_forward=ref_forward)
         gamma, lam = self.weights(state)
