@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxunlearn import objectives, train
 from jaxunlearn.checkpoints import TrainCheckpointer
+from jaxunlearn.train import CPU_MEMORY_SCHEDULING
 
 # ----------------------------------------------------------------------------- a toy problem
 
@@ -287,13 +288,15 @@ def test_learning_rate_is_reported_from_inject_hyperparams():
 # ----------------------------------------------------------------------------- the driver
 
 
-def test_unlearn_leaves_the_input_model_intact_and_logs(tmp_path):
+@pytest.mark.parametrize("options", [None, CPU_MEMORY_SCHEDULING])
+def test_unlearn_leaves_the_input_model_intact_and_logs(tmp_path, options):
     model = Toy()
     before = plain_params(model)
     log = tmp_path / "metrics.jsonl"
     result = train.unlearn(
-        model, toy_objective(), optax.sgd(0.05), ToyData(), steps=4, log_path=log, progress=False
-    )
+        model, toy_objective(), optax.sgd(0.05), ToyData(), steps=4, log_path=log,
+        progress=False, compiler_options=options,
+    )  # fmt: skip
     assert result.step == 4 and result.start_step == 0
     np.testing.assert_array_equal(plain_params(model)["kernel"], before["kernel"])
     lines = [json.loads(line) for line in log.read_text().splitlines()]

@@ -14,6 +14,7 @@ from jaxunlearn.train.loop import NonFiniteLossError, UnlearnResult, unlearn
 from jaxunlearn.train.reference import ReferenceLogprobs, reference_parts
 from jaxunlearn.train.ssd import ssd_unlearn, ssd_unlearn_sampler
 from jaxunlearn.train.step import (
+    CPU_MEMORY_SCHEDULING,
     StepBuilder,
     TrainStep,
     accumulate,
@@ -32,6 +33,7 @@ from jaxunlearn.train.step import (
 )
 
 __all__ = [
+    "CPU_MEMORY_SCHEDULING",
     "MetricsLog",
     "NonFiniteLossError",
     "ReferenceLogprobs",

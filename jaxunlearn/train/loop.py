@@ -161,7 +161,7 @@ def _check_arguments(steps, on_nonfinite, checkpoint_dir, checkpoint_every, tens
 
 
 def _build_step(graphdef, rest, params, params0, objective, objective_state, tx, data, *,
-                ref_model, precompute, micro_batches, mesh):  # fmt: skip
+                ref_model, precompute, micro_batches, mesh, compiler_options=None):  # fmt: skip
     """The step for `tx` and the data source (wrapped to carry precomputed reference values)."""
 
     def reference():
@@ -188,6 +188,7 @@ def _build_step(graphdef, rest, params, params0, objective, objective_state, tx,
     step_fn = make_step(
         graphdef, rest, objective, tx, ref_params=plan.in_step_params,
         ref_graphdef=ref_graphdef, ref_rest=ref_rest, micro_batches=micro_batches,
+        compiler_options=compiler_options,
     )  # fmt: skip
     return step_fn, plan.data
 
@@ -214,6 +215,7 @@ def unlearn(
     on_nonfinite: str = "raise",
     callback: Callable[[int, dict], None] | None = None,
     run_config: Mapping[str, Any] | None = None,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> UnlearnResult:
     """Runs `steps` unlearning steps on `model` and returns the unlearned model.
 
@@ -266,6 +268,9 @@ def unlearn(
         files, ...): recorded in every checkpoint with the seed, the data's fingerprint and
         the model's structure; resuming from a checkpoint whose record differs stops with a
         ValueError naming each difference (a resumed run is never a hybrid of two).
+      compiler_options: XLA options for compiling the step of an optax `tx`, e.g.
+        `train.step.CPU_MEMORY_SCHEDULING` for a large model on CPU (a lower peak; used by
+        benchmarks/bench_1b_cpu.py). Default: XLA's.
 
     Returns:
       An `UnlearnResult`.
@@ -293,7 +298,7 @@ def unlearn(
     step_fn, data = _build_step(
         graphdef, rest, params, params0, objective, objective_state, tx, data,
         ref_model=ref_model, precompute=precompute_reference, micro_batches=micro_batches,
-        mesh=mesh,
+        mesh=mesh, compiler_options=compiler_options,
     )  # fmt: skip
     batch_at = batch_source(data)
     place = place_batch
