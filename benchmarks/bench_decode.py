@@ -4,9 +4,10 @@ A greedy decode step of the evaluation's benchmark model (32 rows, 8 query heads
 key/value heads of 64 dims) attends one query per row over S cached slots in each of 6
 layers. Timed, interleaved and quiet-gated like the other benchmarks:
 
-- ``jax``: `jaxunlearn.models.layers.cached_attention` on the stored key/value-head-major
-  cache [B, KV, S, D] (a decode step: broadcast products summed over head_dim, softmax,
-  products summed over slots; XLA fuses each into one pass over the cache);
+- ``jax``: `jaxunlearn.models.layers.cached_attention` on the library's cache layout (keys
+  [B, KV, D, S], values [B, KV, S, D]; a decode step: broadcast products summed over
+  head_dim, softmax, products summed over slots; XLA fuses each into one pass over the
+  cache);
 - ``jax_before``: the formulation generation used before (cache stored [B, S, KV, D],
   transposed to [B, KV, S, D] every step, then [G, D] x [D, S] batched matrix products);
 - ``torch``: `torch.nn.functional.scaled_dot_product_attention(..., enable_gqa=True)` on
@@ -56,11 +57,13 @@ def _before(q, k, v, allowed, scale):
 
 def jax_fns(q, k, v, allowed):
     scale = D**-0.5
-    q, v, allowed = jnp.asarray(q), jnp.asarray(v), jnp.asarray(allowed)
-    k_major = jnp.asarray(k)
+    allowed = jnp.asarray(allowed)
+    # One array per layer, as the cache holds them (slicing a stacked array would copy).
+    layers = lambda x: tuple(jnp.asarray(np.ascontiguousarray(x[i])) for i in range(LAYERS))  # noqa: E731
+    # The library's cache layout (models/cache.py): keys [B, KV, D, S], values [B, KV, S, D].
+    q, k_major, v_major = layers(q), layers(k.swapaxes(3, 4)), layers(v)
     # The "before" cache is stored slot-major: a real copy, so its per-step transpose is real.
-    k_slot = jnp.asarray(np.ascontiguousarray(k.transpose(0, 1, 3, 2, 4)))
-    v_slot = jnp.asarray(np.ascontiguousarray(np.asarray(v).transpose(0, 1, 3, 2, 4)))
+    k_slot, v_slot = layers(k.transpose(0, 1, 3, 2, 4)), layers(v.transpose(0, 1, 3, 2, 4))
 
     @jax.jit
     def now(q, k, v):
@@ -75,7 +78,7 @@ def jax_fns(q, k, v, allowed):
     def run(fn, *args):
         return lambda: np.asarray(fn(*args).block_until_ready())
 
-    return run(now, q, k_major, v), run(before, q, k_slot, v_slot)
+    return run(now, q, k_major, v_major), run(before, q, k_slot, v_slot)
 
 
 def torch_fn(q, k, v, allowed):

@@ -78,6 +78,9 @@ BENCHES = [
         "core",
         8,
     ),  # fmt: skip
+    Bench(
+        "bench_decode", "bench_decode.py", (), ("--slots", "64", "--repeats", "2"), "extra", 1
+    ),  # fmt: skip
     Bench("bench_lora", "bench_lora.py", ("--reps", "5"), ("--quick",), "extra", 3),
     Bench(
         "bench_ssd_vision_cnn",

@@ -4,11 +4,12 @@ The cache is a plain pytree (a NamedTuple of arrays) so it passes through `jax.j
 `jax.lax.while_loop` and donation like any other state. Its size is fixed at creation
 (prompt length + new tokens), so every decode step has the same shapes and compiles once.
 
-Keys and values are stored key/value-head-major, [batch, kv_heads, slots, head_dim]: a
-decode step reads each head's slots as one contiguous block, and attention reads the
-cache in place instead of transposing all of it every step (on XLA:CPU that transpose
-and the batched matrix-vector products it fed cost more than the model's matmuls at a
-few hundred slots; see `jaxunlearn.models.layers.cached_attention`).
+Keys are stored [batch, kv_heads, head_dim, slots] and values [batch, kv_heads, slots,
+head_dim]: a decode step reads the cache in place, once, with the slots as the contiguous
+axis of its key reduction and of its value sum, instead of transposing all of it every
+step (on XLA:CPU that transpose and the batched matrix-vector products it fed cost more
+than the model's matmuls at a few hundred slots; see
+`jaxunlearn.models.layers.cached_attention` and benchmarks/bench_decode.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class KVCache(NamedTuple):
     attends over all valid slots at or before each query's slot.
 
     Attributes:
-      keys: per layer, [batch, kv_heads, max_length, head_dim] keys (after RoPE).
+      keys: per layer, [batch, kv_heads, head_dim, max_length] keys (after RoPE).
       values: per layer, [batch, kv_heads, max_length, head_dim] values.
       mask: [batch, max_length] int32, 1 where a slot holds a real (non-padding) token.
       index: [] int32, the number of slots written so far (the next write position).
@@ -59,11 +60,10 @@ def init_cache(
     Returns:
       A `KVCache` of zeros with `index == 0`.
     """
-    shape = (batch_size, cfg.num_key_value_heads, max_length, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+    kv, dh, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
     return KVCache(
-        keys=zeros,
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+        keys=tuple(jnp.zeros((batch_size, kv, dh, max_length), dtype) for _ in range(layers)),
+        values=tuple(jnp.zeros((batch_size, kv, max_length, dh), dtype) for _ in range(layers)),
         mask=jnp.zeros((batch_size, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
@@ -74,12 +74,12 @@ def update_layer(
 ) -> tuple[jax.Array, jax.Array]:
     """Writes [B, T, Hkv, Dh] keys/values at slots [index, index + T) of one layer's cache.
 
-    Returns the layer's updated ([B, Hkv, S, Dh] keys, values).
+    Returns the layer's updated ([B, Hkv, Dh, S] keys, [B, Hkv, S, Dh] values).
     """
-    start = (0, 0, index, 0)
-    k, v = (x.transpose(0, 2, 1, 3).astype(cache_k.dtype) for x in (k, v))
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k, start)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v, start)
+    k = k.transpose(0, 2, 3, 1).astype(cache_k.dtype)
+    v = v.transpose(0, 2, 1, 3).astype(cache_v.dtype)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, 0, index))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v, (0, 0, index, 0))
     return cache_k, cache_v
 
 

@@ -87,10 +87,10 @@ def _grow(cache: KVCache, length: int) -> KVCache:
     extra = length - cache.max_length
     if extra <= 0:
         return cache
-    pad = ((0, 0), (0, 0), (0, extra), (0, 0))  # [B, KV, S, D]: the slot axis
+    slots = lambda axis: [(0, extra if a == axis else 0) for a in range(4)]  # noqa: E731
     return cache._replace(
-        keys=tuple(jnp.pad(k, pad) for k in cache.keys),
-        values=tuple(jnp.pad(v, pad) for v in cache.values),
+        keys=tuple(jnp.pad(k, slots(3)) for k in cache.keys),  # [B, KV, D, S]
+        values=tuple(jnp.pad(v, slots(2)) for v in cache.values),  # [B, KV, S, D]
         mask=jnp.pad(cache.mask, ((0, 0), (0, extra))),
     )
 

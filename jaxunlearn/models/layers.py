@@ -356,16 +356,17 @@ def _grouped_attention(q, k, v, allowed, scale):
 
 
 def _decode_attention(q, k, v, allowed, scale):
-    # One query per row: q [B, 1, H, D] over k, v [B, KV, S, D]. Written as broadcast
-    # products summed over head_dim (scores) and over slots (outputs): XLA fuses each into
-    # one pass over the cache, where the [G, D] x [D, S] matrix products per (row, head)
-    # measured 2-5x slower on XLA:CPU (S = 256-512, 32 rows). Same float32 scores and
+    # One query per row: q [B, 1, H, D] over keys [B, KV, D, S] and values [B, KV, S, D].
+    # Written as broadcast products summed over head_dim (scores) and over slots
+    # (outputs), each with the slots contiguous: XLA fuses each into one pass over the
+    # cache, where [G, D] x [D, S] matrix products per (row, head) measured 2-5x slower on
+    # XLA:CPU (S = 256-512, 32 rows; benchmarks/bench_decode.py). Same float32 scores and
     # softmax as `_attention_probs`, probabilities rounded to the values' dtype as there.
     b, _, h, d = q.shape
     kv = k.shape[1]
     f32 = jnp.float32
-    q = q.reshape(b, kv, h // kv, 1, d).astype(f32)
-    scores = jnp.sum(q * k[:, :, None].astype(f32), axis=-1)  # [B, KV, G, S]
+    q = q.reshape(b, kv, h // kv, d, 1).astype(f32)
+    scores = jnp.sum(q * k[:, :, None].astype(f32), axis=3)  # [B, KV, G, S]
     mask = allowed[:, :, None, :]  # [B, 1, 1, S]
     scores = jnp.where(mask, scores * scale, jnp.finfo(f32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).astype(f32)
@@ -381,17 +382,17 @@ def cached_attention(
     scale: float,
     implementation: str = "auto",
 ) -> Float[Array, "b t h d"]:
-    """`attention` over a KV cache stored key/value-head-major ([B, KV, S, D]).
+    """`attention` over a KV cache: keys [B, KV, D, S], values [B, KV, S, D].
 
     A decode step (T == 1) sums broadcast products over the cache in place on every
     backend (`_decode_attention`: one pass over the cache, no per-step transpose of it).
-    A prefill (T > 1) on the einsum path runs the grouped attention of
-    `dot_product_attention` on the stored layout; `jax.nn.dot_product_attention` gets the
+    A prefill (T > 1) transposes the keys once and runs the grouped attention of
+    `dot_product_attention` (einsum path) or `jax.nn.dot_product_attention` on the
     [B, S, KV, D] layout it expects.
 
     Args:
       q: [B, T, H, D] queries (after RoPE).
-      k: [B, KV, S, D] cached keys, including the T new ones.
+      k: [B, KV, D, S] cached keys, including the T new ones.
       v: [B, KV, S, D] cached values.
       allowed: [B, T, S] True where query t may attend to slot s.
       scale: score multiplier.
@@ -403,9 +404,9 @@ def cached_attention(
     if q.shape[1] == 1:
         return _decode_attention(q, k, v, allowed, scale)
     if resolve_attention(implementation) != "einsum":
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        k, v = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)
         return attention(q, k, v, allowed, scale, implementation)
-    return _grouped_attention(q, k, v, allowed, scale)
+    return _grouped_attention(q, k.swapaxes(2, 3), v, allowed, scale)
 
 
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "einsum", "dot_product_attention")
