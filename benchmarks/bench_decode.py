@@ -137,6 +137,7 @@ def main(argv=None) -> dict:
             f"{format_ratio(row['before_over_jax'])}; max |diff| {row['max_abs_diff']:.1e}"
         )
     result = {
+        "benchmark": "bench_decode",
         "shape": {
             "rows": B,
             "kv_heads": KV,

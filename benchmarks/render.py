@@ -383,6 +383,23 @@ def render_bench_eval(res: dict) -> str:
     return "\n\n".join(parts)
 
 
+def render_bench_decode(res: dict) -> str:
+    """bench_decode: milliseconds per decode step's attention (6 layers), per cache size."""
+    rows = [
+        [slots, *(num(r["ms_per_step"].get(k)) for k in ("jax", "jax_before", "torch")),
+         ratio(r["torch_over_jax"]), ratio(r["before_over_jax"]), f"{r['max_abs_diff']:.1e}"]
+        for slots, r in (res.get("slots") or {}).items()
+    ]  # fmt: skip
+    head = ["slots", "jaxunlearn ms", "previous layout ms", "torch sdpa ms", "torch / jaxunlearn",
+            "previous / jaxunlearn", "max abs diff"]  # fmt: skip
+    shape = res.get("shape", {})
+    return (
+        f"{shape.get('rows', '?')} rows, {shape.get('query_heads', '?')} query heads over "
+        f"{shape.get('kv_heads', '?')} key/value heads of {shape.get('head_dim', '?')}, "
+        f"{shape.get('layers', '?')} layers per step.\n\n" + table(head, rows)
+    )
+
+
 def _ratio_from(value: float, quiet: dict) -> dict:
     if quiet.get("held"):
         return {"value": value, "status": "quiet"}
@@ -406,6 +423,7 @@ def render_generic(res: dict) -> str:
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "bench_model": render_bench_model,
     "bench_eval": render_bench_eval,
+    "bench_decode": render_bench_decode,
     "bench_unlearn": render_bench_unlearn,
     "bench_lora": render_bench_lora,
     "bench_ssd_vision": render_bench_ssd_vision,
@@ -418,6 +436,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
 VARIES = {
     "bench_model": "all times and ratios (XLA's YNNPACK vs MKL kernels depend on AVX-512/AMX).",
     "bench_unlearn": "all times and ratios.",
+    "bench_decode": "times and ratios; the outputs agree to float rounding.",
     "bench_eval": "times and ratios; the scores themselves agree across CPUs to float tolerance.",
     "bench_lora": "times and ratios; parameter and byte counts do not.",
     "bench_ssd_vision": "times and ratios; accuracies only in the last digits.",

@@ -376,7 +376,7 @@ def _decode_attention(q, k, v, allowed, scale):
 
 def cached_attention(
     q: Float[Array, "b t h d"],
-    k: Float[Array, "b kv s d"],
+    k: Float[Array, "b kv d s"],
     v: Float[Array, "b kv s d"],
     allowed: Bool[Array, "b t s"],
     scale: float,
