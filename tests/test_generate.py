@@ -114,8 +114,10 @@ def test_greedy_matches_transformers_across_cache_segments(attention, tiny_hf_mo
 def test_segment_ends():
     assert segment_ends(1) == (1,)
     assert segment_ends(16) == (16,)
-    assert segment_ends(17) == (16, 17)
-    assert segment_ends(200) == (64, 128, 192, 200)
+    assert segment_ends(17) == (17,)  # a 1-step tail joins the first segment
+    assert segment_ends(65) == (32, 65)
+    assert segment_ends(200) == (64, 128, 200)  # an 8-step tail joins the segment before
+    assert segment_ends(224) == (64, 128, 192, 224)
     assert segment_ends(200, segments=1) == (200,)
     for n in (5, 63, 64, 65, 199, 1000):
         ends = segment_ends(n)

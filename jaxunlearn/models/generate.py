@@ -76,11 +76,15 @@ def segment_ends(max_new_tokens: int, segments: int = 4, multiple: int = 16) -> 
     slots written so far plus at most one segment, not the whole final length: about
     a third fewer cache reads than one prompt + max_new_tokens cache for 200 new tokens
     on a 60-token prompt. Each segment is its own compiled loop, so short generations
-    (and `segments=1`) keep one.
+    (and `segments=1`) keep one, and a tail shorter than half a segment joins the one
+    before it (a compiled loop for a few steps costs more than it saves).
     """
     size = -(-max_new_tokens // max(1, segments))
     size = max(multiple, -(-size // multiple) * multiple)
-    return tuple(range(size, max_new_tokens, size)) + (max_new_tokens,)
+    ends = list(range(size, max_new_tokens, size))
+    if ends and 2 * (max_new_tokens - ends[-1]) < size:
+        ends.pop()
+    return (*ends, max_new_tokens)
 
 
 def _grow(cache: KVCache, length: int) -> KVCache:
