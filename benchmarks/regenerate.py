@@ -73,7 +73,7 @@ BENCHES = [
     Bench(
         "bench_eval",
         "bench_eval.py",
-        ("--limit", "32", "--max-new-tokens", "200", "--batch-size", "32", "--repeats", "1"),
+        ("--limit", "32", "--max-new-tokens", "200", "--batch-size", "32", "--repeats", "3"),
         ("--limit", "4", "--max-new-tokens", "8", "--batch-size", "4", "--repeats", "1"),
         "core",
         8,
