@@ -1,8 +1,9 @@
 """Fixed-size key/value cache shared by the model ports and `generate`.
 
 The cache is a plain pytree (a NamedTuple of arrays) so it passes through `jax.jit`,
-`jax.lax.while_loop` and donation like any other state. Its size is fixed at creation
-(prompt length + new tokens), so every decode step has the same shapes and compiles once.
+`jax.lax.while_loop` and donation like any other state. Its size is fixed at creation, so
+every decode step of a loop has the same shapes and compiles once (`generate` pads it to a
+larger size between a few segments of steps).
 
 Keys are stored [batch, kv_heads, head_dim, slots] and values [batch, kv_heads, slots,
 head_dim]: a decode step reads the cache in place, once, with the slots as the contiguous

@@ -91,10 +91,13 @@ def _grow(cache: KVCache, length: int) -> KVCache:
     extra = length - cache.max_length
     if extra <= 0:
         return cache
-    slots = lambda axis: [(0, extra if a == axis else 0) for a in range(4)]  # noqa: E731
+
+    def more_slots(x, axis):
+        return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+
     return cache._replace(
-        keys=tuple(jnp.pad(k, slots(3)) for k in cache.keys),  # [B, KV, D, S]
-        values=tuple(jnp.pad(v, slots(2)) for v in cache.values),  # [B, KV, S, D]
+        keys=tuple(more_slots(k, 3) for k in cache.keys),  # [B, KV, D, S]
+        values=tuple(more_slots(v, 2) for v in cache.values),  # [B, KV, S, D]
         mask=jnp.pad(cache.mask, ((0, 0), (0, extra))),
     )
 
