@@ -145,6 +145,14 @@ for a, b in zip(plain, sharded):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 assert inference.generate_answers(model, tok, [r["question"] for r in rows], "chat",
                                max_new_tokens=6, mesh=mesh, **kw) == gens
+# Packed scoring with statistics for some items: gathered positions split over the mesh.
+flags = [i % 2 == 0 for i in range(len(items))]
+packed = inference.score_items(checkpoints.load_pretrained(path), tok, items, "chat",
+                               stats=flags, packed=True, **kw)
+sharded = inference.score_items(model, tok, items, "chat", stats=flags, packed=True, mesh=mesh, **kw)
+for a, b in zip(packed, sharded):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+np.testing.assert_allclose(packed.logprob, plain.logprob, rtol=1e-5, atol=1e-5)
 print("OK", len(jax.devices()))
 """
 

@@ -85,6 +85,51 @@ def test_packed_scores_equal_per_item_scores(world, stats):
     assert ref.mask.sum() > 0
 
 
+def test_statistics_only_for_flagged_examples(world):
+    """Per-example `stats` flags: flagged rows get every field of the all-statistics path,
+    the others the same log-probs and zeros for the statistics; the calls stay balanced."""
+    model, tok = world["model"], world["tokenizer"]
+    examples = inference.tokenize_items(tok, tofu_items(), "chat", max_length=512)
+    flags = [i % 7 == 0 or i >= 21 for i in range(len(examples))]  # forget answers, RA, text
+    kw = dict(batch_size=2, buckets=BUCKETS, row_length=256)
+    ours = inference.score_packed(model, examples, stats=flags, **kw)
+    ref = inference.score_examples(model, examples, stats=True, buckets=BUCKETS, batch_size=4)
+    flagged = np.flatnonzero(flags)
+    assert_same(ours.take(flagged), ref.take(flagged))
+    plain = np.flatnonzero(~np.asarray(flags))
+    np.testing.assert_allclose(ours.logprob[plain], ref.logprob[plain], atol=TOL, rtol=0)
+    for name in ("entropy_mean", "entropy_std", "argmax_match"):
+        assert not getattr(ours, name)[plain].any(), name
+        assert getattr(ref, name)[plain].any(), name
+    with pytest.raises(ValueError, match="one bool per example"):
+        inference.score_packed(model, examples, stats=flags[:-1], **kw)
+
+
+def test_rows_are_dealt_to_calls_with_balanced_statistics(world):
+    tok = world["tokenizer"]
+    examples = inference.tokenize_items(tok, tofu_items(), "chat", max_length=512)
+    wanted = np.arange(len(examples)) < 7  # only the first question's answers
+    lengths = [len(e["input_ids"]) for e in examples]
+    plan = inference._pack_rows(inference._shared_prompts(examples), lengths, 128)
+    calls = inference._deal_rows(plan, examples, wanted, per_call=2)
+    assert sorted(map(len, calls), reverse=True) == [2] * (len(plan) // 2) + [1] * (len(plan) % 2)
+    dealt = sorted(i for call in calls for row in call for _, m in row for i in m)
+    assert dealt == list(range(len(examples)))
+
+    def stats_positions(call):
+        return sum(
+            int((examples[i]["labels"] != IGNORE_INDEX).sum())
+            for row in call
+            for _, members in row
+            for i in members
+            if wanted[i]
+        )
+
+    # The first question's answers need more than one row: they are spread over calls.
+    loaded = [stats_positions(call) for call in calls]
+    assert sum(1 for n in loaded if n) > 1
+
+
 def test_prompts_are_shared_and_rows_packed(world):
     tok = world["tokenizer"]
     examples = inference.tokenize_items(tok, tofu_items(), "chat", max_length=512)

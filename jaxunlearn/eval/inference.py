@@ -51,7 +51,7 @@ from jaxunlearn.data import (
 from jaxunlearn.eval import report
 from jaxunlearn.eval.metrics import truncate_at_stops
 from jaxunlearn.models.generate import generate
-from jaxunlearn.scores import DEFAULT_CHUNK_SIZE, TokenScores, token_scores
+from jaxunlearn.scores import DEFAULT_CHUNK_SIZE, Head, TokenScores, token_scores
 
 # Finer than the training buckets: evaluation runs each item once, so padding waste costs
 # more than the one extra compile per bucket.
@@ -451,7 +451,7 @@ def score_examples(
     batch_size: int = 32,
     buckets: Sequence[int] = EVAL_BUCKETS,
     mesh: jax.sharding.Mesh | None = None,
-    stats: bool = False,
+    stats: bool | Sequence[bool] = False,
     pad_id: int = 0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ou_eos_masking: bool = False,
@@ -464,7 +464,8 @@ def score_examples(
       batch_size: rows per forward pass.
       buckets: allowed padded lengths; one compile per bucket used.
       mesh: split each batch over the mesh's batch axes (`parallel.shard_batch`).
-      stats: also return entropy moments and argmax matches.
+      stats: also return entropy moments and argmax matches (one flag, or one per
+        example: any flag computes them for every example).
       pad_id: token id written into padding (masked out of attention).
       chunk_size: vocabulary columns per chunk of the float32 log-softmax.
       ou_eos_masking: open-unlearning's collator mask, attention = (input_ids != pad_id): with
@@ -477,6 +478,7 @@ def score_examples(
     """
     if not examples:
         raise ValueError("score_examples got no examples to score")
+    stats = bool(_stats_wanted(stats, len(examples)).any())
     graphdef, state = nnx.split(model)
     lengths = [len(e["input_ids"]) for e in examples]
     pending = []
@@ -636,18 +638,131 @@ def _packed_arrays(examples, rows, row_length, pad_id, ou_eos_masking):
     return arrays, where
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "stats", "chunk_size"))
+def _stats_wanted(stats: bool | Sequence[bool], n: int) -> np.ndarray:
+    """Per example: does it need the Min-K%++ statistics? (`stats` is one flag or n flags)."""
+    if isinstance(stats, (bool, np.bool_)):
+        return np.full(n, bool(stats))
+    wanted = np.asarray(stats, bool)
+    if wanted.shape != (n,):
+        raise ValueError(
+            f"stats must be one bool or one bool per example; got {wanted.shape[0] if wanted.ndim else 'a scalar'} "
+            f"flags for {n} examples"
+        )
+    return wanted
+
+
+def _scored_positions(host, where, wanted) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions (row * T + column) of one packed call whose next token is scored:
+    (those without statistics, those with). Position p's logits predict label p + 1."""
+    labels = host["labels"]
+    scored = np.zeros(labels.shape, bool)
+    scored[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    with_stats = np.zeros(labels.shape, bool)
+    for index, (row, start, _, length) in where.items():
+        if wanted[index]:
+            with_stats[row, start : start + length - 1] = True
+    scored, with_stats = scored.ravel(), with_stats.ravel()
+    return np.flatnonzero(scored & ~with_stats), np.flatnonzero(scored & with_stats)
+
+
+def _deal_rows(plan, examples, wanted, per_call: int) -> list[list]:
+    """Deals packed rows to calls of `per_call` rows so that every call has about the same
+    number of positions with statistics and without: each call's index arrays are as long
+    as the largest call's, so an unbalanced deal would score padding.
+
+    Rows go in decreasing order of their statistics positions, then of all scored
+    positions, each to the open call with the fewest statistics positions so far (then the
+    fewest scored ones).
+    """
+
+    def counts(row):
+        n_stats = n_all = 0
+        for _, members in row:
+            for index in members:
+                n = int((np.asarray(examples[index]["labels"]) != IGNORE_INDEX).sum())
+                n_all += n
+                n_stats += n if wanted[index] else 0
+        return n_stats, n_all
+
+    n_calls = -(-len(plan) // per_call)
+    calls: list[list] = [[] for _ in range(n_calls)]
+    load = [(0, 0)] * n_calls
+    for count, row in sorted(((counts(r), r) for r in plan), key=lambda x: x[0], reverse=True):
+        open_calls = [c for c in range(n_calls) if len(calls[c]) < per_call]
+        c = min(open_calls, key=lambda c: load[c])
+        calls[c].append(row)
+        load[c] = (load[c][0] + count[0], load[c][1] + count[1])
+    return calls
+
+
+def _index_array(positions: np.ndarray, size: int, past_end: int) -> np.ndarray:
+    """`positions` padded to `size` entries with `past_end`, an index the gather fills and
+    the scatter drops."""
+    out = np.full(size, past_end, np.int32)
+    out[: len(positions)] = positions
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
 def _score_packed_batch(
-    state, input_ids, labels, positions, segment, parent, key_ok, *, graphdef, stats, chunk_size
+    state,
+    input_ids,
+    labels,
+    positions,
+    segment,
+    parent,
+    key_ok,
+    plain_at,
+    stats_at,
+    *,
+    graphdef,
+    chunk_size,
 ):
-    t = input_ids.shape[1]
+    r, t = input_ids.shape
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T(query), T(key)]
     same = segment[:, None, :] == segment[:, :, None]
     to_prompt = segment[:, None, :] == parent[:, :, None]
     allowed = causal[None] & (same | to_prompt) & (key_ok[:, None, :] == 1)
     model = nnx.merge(graphdef, state)
-    out = model(input_ids, allowed, position_ids=positions, return_logits=False)
-    return token_scores(out.head, labels, stats=stats, chunk_size=chunk_size)
+    hidden, kernel = model(input_ids, allowed, position_ids=positions, return_logits=False).head
+    # The vocabulary projection and log-softmax run only at the positions whose next token
+    # is scored (prompts, padding and each item's last token need none), and the Min-K%++
+    # statistics only at the positions of the examples that asked for them.
+    flat = hidden.reshape(r * t, hidden.shape[-1])
+    following = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX).ravel()
+
+    def scores_at(at, stats):
+        # The gathered positions as `r` sequences: in token_scores' convention position i
+        # predicts label i + 1, so each sequence's labels are its targets shifted by one.
+        # (XLA:CPU reduces [1, N, V] or [N, 1, V] chunks several times slower than a few
+        # rows of many positions.)
+        h = flat.at[at].get(mode="fill", fill_value=0).reshape(r, -1, flat.shape[-1])
+        target = following.at[at].get(mode="fill", fill_value=IGNORE_INDEX).reshape(r, -1)
+        hidden = jnp.pad(h, ((0, 0), (0, 1), (0, 0)))
+        shifted = jnp.pad(target, ((0, 0), (1, 0)), constant_values=IGNORE_INDEX)
+        return token_scores(Head(hidden, kernel), shifted, stats=stats, chunk_size=chunk_size)
+
+    def scatter(at_values):
+        out = jnp.zeros(r * t, jnp.float32)
+        for at, values in at_values:
+            out = out.at[at].set(values.reshape(-1), mode="drop")
+        return out.reshape(r, t)[:, :-1]
+
+    kinds = ((plain_at, False), (stats_at, True))
+    parts = [(at, scores_at(at, stats)) for at, stats in kinds if at.shape[0]]
+    logprob = scatter([(at, scores.logprob) for at, scores in parts])
+    mask = (labels[:, 1:] != IGNORE_INDEX).astype(jnp.float32)
+    if not stats_at.shape[0]:
+        return TokenScores(logprob, mask)
+    stats_scores = parts[-1][1]
+    return TokenScores(
+        logprob,
+        mask,
+        *(scatter([(stats_at, getattr(stats_scores, name))]) for name in _STATS_FIELDS),
+    )
+
+
+_STATS_FIELDS = ("entropy_mean", "entropy_std", "argmax_match")
 
 
 def score_packed(
@@ -658,7 +773,7 @@ def score_packed(
     row_length: int = PACK_LENGTH,
     buckets: Sequence[int] = EVAL_BUCKETS,
     mesh: jax.sharding.Mesh | None = None,
-    stats: bool = False,
+    stats: bool | Sequence[bool] = False,
     pad_id: int = 0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ou_eos_masking: bool = False,
@@ -673,7 +788,9 @@ def score_packed(
     answer. Every token therefore sees exactly the keys, values and RoPE positions it has in
     `score_examples`, so the log-probs agree to float rounding, while the prompt is computed
     once per group instead of once per answer and rows are packed full (first-fit
-    decreasing), so every batch has one shape: [rows, row_length].
+    decreasing), so every batch has one shape: [rows, row_length]. The vocabulary
+    projection and float32 log-softmax run only at the positions whose next token is
+    scored, and the Min-K%++ statistics only for the examples that ask for them.
 
     Models with sliding-window layers (whose windows count slots, not positions) fall back
     to `score_examples`.
@@ -686,7 +803,9 @@ def score_packed(
       row_length: tokens per packed row, raised to the bucket of the longest example.
       buckets: the lengths `row_length` is rounded up to when raised.
       mesh: split each batch over the mesh's batch axes.
-      stats: also return entropy moments and argmax matches.
+      stats: also return entropy moments and argmax matches: one flag for every example,
+        or one per example (the statistics are then computed only for the flagged
+        examples; the others get zeros in those fields).
       pad_id: token id written into padding.
       chunk_size: vocabulary columns per chunk of the float32 log-softmax.
       ou_eos_masking: see `score_examples`: tokens equal to `pad_id` are hidden as keys.
@@ -720,18 +839,28 @@ def score_packed(
     ways = _ways(mesh)
     per_call = max(1, (batch_size * 128) // row_length)
     per_call = -(-min(per_call, 1 << max(len(plan) - 1, 0).bit_length()) // ways) * ways
-    graphdef, state = nnx.split(model)
-    pending = []
-    for start in range(0, len(plan), per_call):
-        rows = plan[start : start + per_call]
+    wanted = _stats_wanted(stats, len(examples))
+    calls = []
+    for rows in _deal_rows(plan, examples, wanted, per_call):
         rows = rows + [[] for _ in range(per_call - len(rows))]
         host, where = _packed_arrays(examples, rows, row_length, pad_id, ou_eos_masking)
+        calls.append((host, where, _scored_positions(host, where, wanted)))
+    # One index length per kind for every call of the stream (one compile), a multiple of
+    # 128 and of the call's rows (the gathered positions are scored as one sequence per row).
+    step = int(np.lcm(128, per_call))
+    sizes = [-(-max(len(at[k]) for *_, at in calls) // step) * step for k in (0, 1)]
+    past_end = per_call * row_length
+    graphdef, state = nnx.split(model)
+    pending = []
+    for host, where, (plain, with_stats) in calls:
+        host = host | {
+            "plain_at": _index_array(plain, sizes[0], past_end),
+            "stats_at": _index_array(with_stats, sizes[1], past_end),
+        }
         batch = parallel.place_batch(host, mesh)
-        out = _score_packed_batch(
-            state, **batch, graphdef=graphdef, stats=stats, chunk_size=chunk_size
-        )
+        out = _score_packed_batch(state, **batch, graphdef=graphdef, chunk_size=chunk_size)
         pending.append((where, out))
-    return _unpack(examples, lengths, pending, stats)
+    return _unpack(examples, lengths, pending, bool(wanted.any()))
 
 
 def _unpack(examples, lengths, pending, stats: bool) -> TokenArrays:
@@ -758,7 +887,7 @@ def score_items(
     batch_size: int = 32,
     buckets: Sequence[int] = EVAL_BUCKETS,
     mesh: jax.sharding.Mesh | None = None,
-    stats: bool = False,
+    stats: bool | Sequence[bool] = False,
     max_length: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ou_eos_masking: bool = False,
@@ -776,7 +905,8 @@ def score_items(
       buckets: allowed padded lengths (one compile per bucket used).
       mesh: shard batches over this mesh (batch rows rounded up to its data*fsdp size).
       stats: also compute `entropy_mean`, `entropy_std` and `argmax_match` (Min-K%++,
-        extraction strength, exact memorisation).
+        extraction strength, exact memorisation); one flag, or one per item (with
+        `packed=True` only the flagged items pay for them; the others get zeros there).
       max_length: most tokens per item (default: the largest bucket).
       chunk_size: vocabulary columns per chunk of the float32 log-softmax.
       ou_eos_masking: see `score_examples`.

@@ -505,7 +505,8 @@ def _score_blocks(
     splits: on TOFU's five splits a per-split call left about a third of the row slots as
     padding (each split's last, partly filled batch), one call about 4%. The forget blocks
     carry the entropy and argmax statistics when a memorisation or MIA metric needs them;
-    the holdout answers always do.
+    the holdout answers always do. Only those items pay for the statistics (packed
+    scoring computes them per position); the other blocks drop the zeroed fields.
     """
     stats_for_forget = bool(needed & {"extraction_strength", "exact_memorization", *_MIA})
     sets = {"forget": (forget_name, "paraphrased_answer"), **_QA_SETS}
@@ -541,9 +542,12 @@ def _score_blocks(
         with_stats.add("holdout/answer")
     if not blocks.items:
         return {}
+    wanted = np.zeros(len(blocks.items), bool)
+    for name in with_stats:
+        wanted[blocks.spans[name]] = True
     with inference.phase("score/all"):
         arrays = score_items(
-            model, tokenizer, blocks.items, fmt, stats=bool(with_stats), packed=packed, **common
+            model, tokenizer, blocks.items, fmt, stats=wanted.tolist(), packed=packed, **common
         )
     out = {}
     for name in blocks.spans:
