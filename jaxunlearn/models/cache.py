@@ -95,9 +95,11 @@ def attention_mask_bts(
     builds it (`kv_idx <= q_idx` and the padding mask); with `sliding_window` W also
     `kv_idx > q_idx - W` (`sliding_window_overlay`).
 
-    A [B, T, T] `attention_mask` is taken as the allowed matrix itself (no cache): several
-    sequences packed into one row, each attending only within itself and to a shared prompt
-    (`jaxunlearn.eval.inference.score_packed`).
+    A [B, T, T] `attention_mask` is an allowed matrix (no cache): several sequences packed
+    into one row, each attending only within itself and to a shared prompt
+    (`jaxunlearn.eval.inference.score_packed`). The models are causal, so it is combined
+    with the causal mask (it can only take keys away), which lets attention skip the
+    blocks above the diagonal.
 
     Args:
       attention_mask: [B, T] 1 for real tokens among the T new ones, or a [B, T, T] boolean
@@ -118,7 +120,9 @@ def attention_mask_bts(
                 "a [B, T, T] attention mask works only without a KV cache and without "
                 "sliding-window layers; pass a [B, T] padding mask instead"
             )
-        allowed = attention_mask.astype(bool)
+        t = attention_mask.shape[1]
+        causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+        allowed = attention_mask.astype(bool) & causal
         return allowed, jnp.any(allowed, axis=1).astype(jnp.int32)
     t = attention_mask.shape[1]
     mask = attention_mask.astype(jnp.int32)

@@ -75,7 +75,7 @@ class GPT2Attention(nnx.Module):
         shape = (b, t, self.num_heads, self.head_dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         if layer_cache is None:
-            out = attention(q, k, v, allowed, self.scale, self.implementation)
+            out = attention(q, k, v, allowed, self.scale, self.implementation, True)
         else:
             layer_cache = kv_cache.update_layer(*layer_cache, k, v, cache_index)
             out = cached_attention(q, *layer_cache, allowed, self.scale, self.implementation)

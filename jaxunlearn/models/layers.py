@@ -319,6 +319,7 @@ def dot_product_attention(
     v: Float[Array, "b s kv d"],
     allowed: Bool[Array, "b t s"],
     scale: float,
+    causal: bool = False,
 ) -> Float[Array, "b t h d"]:
     """Grouped-query attention; scores and softmax in float32.
 
@@ -334,15 +335,42 @@ def dot_product_attention(
       v: [B, S, KV, D] values.
       allowed: [B, T, S] True where query t may attend to key s.
       scale: score multiplier (usually D ** -0.5).
+      causal: `allowed` is known to be causal (key s > query t never allowed, S == T):
+        queries then run in blocks of `CAUSAL_BLOCK`, each against the keys up to its
+        last position only, which skips the upper-triangle blocks of the score matrix
+        (for T = 512, 10 of 16 blocks are computed). Same result.
 
     Returns:
       [B, T, H, D] attention outputs in the dtype of `v`.
 
     References:
       Vaswani et al., "Attention Is All You Need", 2017, arXiv:1706.03762. Grouped-query
-      attention: Ainslie et al., "GQA", 2023, arXiv:2305.13245.
+      attention: Ainslie et al., "GQA", 2023, arXiv:2305.13245. Skipping the blocks above
+      the diagonal as FlashAttention does: Dao et al., 2022, arXiv:2205.14135.
     """
-    return _grouped_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), allowed, scale)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    t = q.shape[1]
+    if not causal or t != k.shape[2] or t < 2 * CAUSAL_BLOCK:
+        return _grouped_attention(q, k, v, allowed, scale)
+    blocks = []
+    for start in range(0, t, CAUSAL_BLOCK):
+        stop = min(t, start + CAUSAL_BLOCK)
+        blocks.append(
+            _grouped_attention(
+                q[:, start:stop],
+                k[:, :, :stop],
+                v[:, :, :stop],
+                allowed[:, start:stop, :stop],
+                scale,
+            )
+        )
+    return jnp.concatenate(blocks, axis=1)
+
+
+# Query rows per block of causal attention on the einsum path (`dot_product_attention`).
+# Measured on the TOFU evaluation benchmark's packed 512-token rows (2-core CPU): 128 beat
+# 64 and 256.
+CAUSAL_BLOCK = 128
 
 
 def _grouped_attention(q, k, v, allowed, scale):
@@ -439,6 +467,7 @@ def attention(
     allowed: Bool[Array, "b t s"],
     scale: float,
     implementation: str = "auto",
+    causal: bool = False,
 ) -> Float[Array, "b t h d"]:
     """Grouped-query attention through the path `implementation` names.
 
@@ -454,12 +483,14 @@ def attention(
         and padding all folded in).
       scale: score multiplier.
       implementation: one of `ATTENTION_IMPLEMENTATIONS` (see `resolve_attention`).
+      causal: `allowed` never lets a query see a later key (keys are the queries' own
+        positions): the einsum path then skips the score blocks above the diagonal.
 
     Returns:
       [B, T, H, D] attention outputs in the dtype of `v`.
     """
     if resolve_attention(implementation) == "einsum":
-        return dot_product_attention(q, k, v, allowed, scale)
+        return dot_product_attention(q, k, v, allowed, scale, causal)
     # jax.nn's mask broadcasts over query heads: [B, 1, T, S].
     out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale)
     return out.astype(v.dtype)

@@ -95,7 +95,7 @@ class Attention(nnx.Module):
         q_bthd, k_btkd = apply_rope(q_bthd, cos, sin), apply_rope(k_btkd, cos, sin)
         scale = self.head_dim**-0.5
         if layer_cache is None:
-            out = attention(q_bthd, k_btkd, v_btkd, allowed, scale, self.implementation)
+            out = attention(q_bthd, k_btkd, v_btkd, allowed, scale, self.implementation, True)
         else:
             layer_cache = kv_cache.update_layer(*layer_cache, k_btkd, v_btkd, cache_index)
             out = cached_attention(q_bthd, *layer_cache, allowed, scale, self.implementation)
