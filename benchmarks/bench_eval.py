@@ -45,14 +45,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _quiet import OtherProcessCPU, command_line, machine_info, write_json  # noqa: E402
 
 # Same model definition and quiet-machine gate as the other benchmarks.
 from bench_model import _interleaved_times, add_model_args, hf_config  # noqa: E402
-
-try:  # the load meter's public name (older bench_model: _OtherCpu)
-    from bench_model import OtherProcessCPU
-except ImportError:  # pragma: no cover
-    from bench_model import _OtherCpu as OtherProcessCPU
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -433,7 +429,9 @@ def main(argv=None):
     _print_table(columns)
     shares = [x for x in [first_share, *others] if x == x]
     out = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        "command": command_line(),
+        "machine": machine_info(),
+        "devices": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
         f"jax {jax.default_backend()}, torch {device} ({torch.get_num_threads()} threads)",
         "load_avg_1min_before_after": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
         "other_processes_cpu_max": max(shares, default=float("nan")),
@@ -494,9 +492,8 @@ def main(argv=None):
             f"forget Lbar max |diff| {out['forget_loss_max_abs_diff']:.2e}; identical "
             f"generations {same:.0%}"
         )
-    print(json.dumps(out))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(out, default=str))
+    write_json(args.json_out, out)
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
 
