@@ -37,7 +37,9 @@ Deliberately different:
 """
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
@@ -66,6 +68,14 @@ EPS = 1e-10
 # ----------------------------------------------------------------------------- per-token
 
 
+def _xp(*arrays: ArrayLike) -> Any:
+    """The array namespace for these inputs: `jax.numpy` if any is a JAX array (or a tracer,
+    under `jax.jit`), else NumPy. The evaluation runners pass host arrays, so their metrics
+    run in NumPy and compile nothing (each eager `jax.numpy` op compiles once per shape,
+    about 60 small programs per new evaluation size); jitted callers keep `jax.numpy`."""
+    return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
+
+
 def drop_last_label(mask: Float[ArrayLike, "*batch seq"]) -> Float[Array, "*batch seq"]:
     """Removes the last scored position of each row from a 0/1 label mask.
 
@@ -79,14 +89,18 @@ def drop_last_label(mask: Float[ArrayLike, "*batch seq"]) -> Float[Array, "*batc
     Returns:
       [..., T] float mask with the final scored position of each row set to 0.
     """
-    m = jnp.asarray(mask) > 0
-    rank = jnp.cumsum(m, axis=-1)
+    xp = _xp(mask)
+    m = xp.asarray(mask) > 0
+    rank = xp.cumsum(m, axis=-1)
     n = rank[..., -1:]
-    return (m & (rank < n)).astype(jnp.float32)
+    return (m & (rank < n)).astype(xp.float32)
 
 
 def _mask(mask: ArrayLike, drop_last: bool) -> Array:
-    return drop_last_label(mask) if drop_last else (jnp.asarray(mask) > 0).astype(jnp.float32)
+    if drop_last:
+        return drop_last_label(mask)
+    xp = _xp(mask)
+    return (xp.asarray(mask) > 0).astype(xp.float32)
 
 
 def length_normalised_loss(
@@ -106,9 +120,11 @@ def length_normalised_loss(
     Returns:
       [...] Lbar per item; NaN for an item with no scored labels (open-unlearning: 0/0).
     """
+    xp = _xp(logprob, mask)
     m = _mask(mask, drop_last)
-    lp = jnp.asarray(logprob, jnp.float32)
-    return -jnp.sum(jnp.where(m > 0, lp, 0.0), axis=-1) / jnp.sum(m, axis=-1)
+    lp = xp.asarray(logprob, xp.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 -> NaN, as documented
+        return -xp.sum(xp.where(m > 0, lp, 0.0), axis=-1) / xp.sum(m, axis=-1)
 
 
 def length_normalised_prob(
@@ -127,7 +143,7 @@ def length_normalised_prob(
     Returns:
       [...] Pbar per item (per answer for [B, K, T] input).
     """
-    return jnp.exp(-length_normalised_loss(logprob, mask))
+    return _xp(logprob, mask).exp(-length_normalised_loss(logprob, mask))
 
 
 def exact_memorisation(
@@ -148,9 +164,11 @@ def exact_memorisation(
     Returns:
       [...] EM per item; NaN for an item with no scored labels (open-unlearning: None).
     """
+    xp = _xp(argmax_match, mask)
     m = _mask(mask, drop_last)
-    hits = jnp.sum(jnp.where(m > 0, jnp.asarray(argmax_match) > 0, False), axis=-1)
-    return hits / jnp.sum(m, axis=-1)
+    hits = xp.sum(xp.where(m > 0, xp.asarray(argmax_match) > 0, False), axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (hits / xp.sum(m, axis=-1)).astype(xp.float32)
 
 
 def extraction_strength(
@@ -181,13 +199,14 @@ def extraction_strength(
       Carlini et al., "Quantifying Memorization Across Neural Language Models", arXiv
       2202.07646; open-unlearning `memorization.py::extraction_strength`.
     """
+    xp = _xp(argmax_match, mask)
     m = _mask(mask, drop_last) > 0
-    n = jnp.sum(m, axis=-1)
-    position = jnp.cumsum(m, axis=-1) - 1  # index of each scored label within the answer
-    mismatch = m & ~(jnp.asarray(argmax_match) > 0)
-    last_mismatch = jnp.max(jnp.where(mismatch, position, -1), axis=-1)
-    k = jnp.minimum(last_mismatch + 1, jnp.maximum(n - 1, 0))
-    return jnp.where(n > 0, 1.0 - k / jnp.maximum(n, 1), 0.0)
+    n = xp.sum(m, axis=-1)
+    position = xp.cumsum(m, axis=-1) - 1  # index of each scored label within the answer
+    mismatch = m & ~(xp.asarray(argmax_match) > 0)
+    last_mismatch = xp.max(xp.where(mismatch, position, -1), axis=-1)
+    k = xp.minimum(last_mismatch + 1, xp.maximum(n - 1, 0))
+    return xp.where(n > 0, 1.0 - k / xp.maximum(n, 1), 0.0).astype(xp.float32)
 
 
 # ----------------------------------------------------------------------------- per-item

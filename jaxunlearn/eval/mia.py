@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from jaxunlearn.eval.metrics import drop_last_label, length_normalised_loss
+from jaxunlearn.eval.metrics import _xp, drop_last_label, length_normalised_loss
 
 # AUC of the retrained MUSE model for `forget_holdout_Min-40%`, in MUSE's own orientation
 # (AUC_MUSE = 1 - AUC_OU): muse_bench `constants.AUC_RETRAIN` (s.2.2). Kept bit-exact.
@@ -108,19 +108,25 @@ def _lowest_k_mean(values: Array, mask: Array, k: float, at_least_one: bool) -> 
     counts = [int(n * k) for n in range(seq + 1)]
     if at_least_one:
         counts = [max(1, c) for c in counts]
+    xp = _xp(values, mask)
     m = mask > 0
-    n = jnp.sum(m, axis=-1)
-    count = jnp.asarray(counts, jnp.int32)[n]
-    lowest_first = jnp.sort(jnp.where(m, values, jnp.inf), axis=-1)
-    keep = jnp.arange(seq) < count[..., None]
-    total = jnp.sum(jnp.where(keep, lowest_first, 0.0), axis=-1)
-    score = -total / count  # count 0 (MUSE convention, short text) gives NaN like np.mean([])
+    n = xp.sum(m, axis=-1)
+    count = xp.asarray(counts, xp.int32)[n]
+    lowest_first = xp.sort(xp.where(m, values, xp.inf), axis=-1)
+    keep = xp.arange(seq) < count[..., None]
+    total = xp.sum(xp.where(keep, lowest_first, 0.0), axis=-1)
+    # count 0 (MUSE convention, short text) gives NaN like np.mean([])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = (-total / count).astype(xp.float32)
     # open-unlearning scores an item with no target tokens as 0.
-    return jnp.where(n > 0, score, 0.0) if at_least_one else score
+    return xp.where(n > 0, score, 0.0) if at_least_one else score
 
 
 def _scored(mask: ArrayLike, drop_last: bool) -> Array:
-    return drop_last_label(mask) if drop_last else (jnp.asarray(mask) > 0).astype(jnp.float32)
+    if drop_last:
+        return drop_last_label(mask)
+    xp = _xp(mask)
+    return (xp.asarray(mask) > 0).astype(xp.float32)
 
 
 def _check_k(k: float) -> None:
@@ -156,7 +162,8 @@ def min_k_score(
     """
     _check_k(k)
     m = _scored(mask, drop_last)
-    return _lowest_k_mean(jnp.asarray(logprob, jnp.float32), m, k, at_least_one)
+    xp = _xp(logprob, mask)
+    return _lowest_k_mean(xp.asarray(logprob, xp.float32), m, k, at_least_one)
 
 
 def min_k_plus_plus_score(
@@ -192,8 +199,9 @@ def min_k_plus_plus_score(
       Language Models", arXiv 2404.02936.
     """
     _check_k(k)
-    sigma = jnp.maximum(jnp.asarray(entropy_std, jnp.float32), 1e-3)
-    z = (jnp.asarray(logprob, jnp.float32) - jnp.asarray(entropy_mean, jnp.float32)) / sigma
+    xp = _xp(logprob, entropy_mean, entropy_std, mask)
+    sigma = xp.maximum(xp.asarray(entropy_std, xp.float32), np.float32(1e-3))
+    z = (xp.asarray(logprob, xp.float32) - xp.asarray(entropy_mean, xp.float32)) / sigma
     return _lowest_k_mean(z, _scored(mask, drop_last), k, at_least_one)
 
 
