@@ -109,18 +109,17 @@ def test_rows_are_dealt_to_calls_with_balanced_statistics(world):
     tok = world["tokenizer"]
     examples = inference.tokenize_items(tok, tofu_items(), "chat", max_length=512)
     wanted = np.arange(len(examples)) < 7  # only the first question's answers
-    lengths = [len(e["input_ids"]) for e in examples]
-    plan = inference._pack_rows(inference._shared_prompts(examples), lengths, 128)
+    plan = inference._pack_rows(inference._shared_prompts(examples), examples, 128)
     calls = inference._deal_rows(plan, examples, wanted, per_call=2)
     assert sorted(map(len, calls), reverse=True) == [2] * (len(plan) // 2) + [1] * (len(plan) % 2)
-    dealt = sorted(i for call in calls for row in call for _, m in row for i in m)
+    dealt = sorted(i for call in calls for row in call for m in row for i in m)
     assert dealt == list(range(len(examples)))
 
     def stats_positions(call):
         return sum(
             int((examples[i]["labels"] != IGNORE_INDEX).sum())
             for row in call
-            for _, members in row
+            for members in row
             for i in members
             if wanted[i]
         )
@@ -144,16 +143,34 @@ def test_prompts_are_shared_and_rows_packed(world):
                 examples[i]["input_ids"][:prefix], first["input_ids"][:prefix]
             )
             assert np.all(examples[i]["labels"][: prefix + 1] == IGNORE_INDEX)
-    lengths = [len(e["input_ids"]) for e in examples]
-    rows_ = inference._pack_rows(groups, lengths, 512)
-    placed = sorted(i for row in rows_ for _, members in row for i in members)
+    rows_ = inference._pack_rows(groups, examples, 512)
+    placed = sorted(i for row in rows_ for members in row for i in members)
     assert placed == list(range(len(examples)))
+
+    def tree_size(members):  # distinct prefixes = trie nodes, counted plainly
+        seqs = [tuple(examples[i]["input_ids"].tolist()) for i in members]
+        return len({s[: k + 1] for s in seqs for k in range(len(s))})
+
     for row in rows_:
-        used = sum(p + sum(lengths[i] - p for i in members) for p, members in row)
-        assert used <= 512
-    unpacked_tokens = sum(lengths)
-    packed_tokens = sum(p + sum(lengths[i] - p for i in m) for row in rows_ for p, m in row)
-    assert packed_tokens < unpacked_tokens  # each prompt is laid out once per group
+        assert sum(tree_size(members) for members in row) <= 512
+    packed_tokens = sum(tree_size(members) for row in rows_ for members in row)
+    lengths = [len(e["input_ids"]) for e in examples]
+    prompt_once = sum(p + sum(lengths[i] - p for i in m) for p, m in groups)
+    # Each prompt is laid out once per group, and shared answer beginnings once too.
+    assert packed_tokens < prompt_once < sum(lengths)
+
+
+def test_prefix_tree_layout():
+    """Depth-first layout of the token trie: shared prefixes once, subtrees contiguous."""
+    seqs = [np.array(s) for s in ([5, 1, 2, 3], [5, 1, 4], [5, 1, 2, 3], [5, 6], [5, 1, 2])]
+    tokens, end, columns = inference._prefix_tree(seqs)
+    # Trie nodes in depth-first order (children by token): 5 1 2 3 4 6.
+    np.testing.assert_array_equal(tokens, [5, 1, 2, 3, 4, 6])
+    np.testing.assert_array_equal(end, [5, 4, 3, 3, 4, 5])
+    for seq, cols in zip(seqs, columns):
+        np.testing.assert_array_equal(tokens[cols], seq)  # every sequence is a path
+        assert all(end[c] >= cols[-1] for c in cols)  # its last token is in every subtree
+    assert inference._tree_size(seqs) == len(tokens)
 
 
 def test_packed_eos_masking_matches_per_item(world):

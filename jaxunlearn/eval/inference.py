@@ -538,8 +538,7 @@ def _shared_prompts(examples: Sequence[Mapping[str, Any]]) -> list[tuple[int, li
     """Groups examples whose unscored prompts are the same tokens: [(prefix length, members)].
 
     An example's prefix is its tokens before the last unscored one ahead of its first scored
-    label: that last prompt token predicts the first answer token, so each answer keeps its
-    own copy. Examples with nothing to score are left out; those whose first label is scored
+    label. Examples with nothing to score are left out; those whose first label is scored
     get an empty prefix and a group of their own.
     """
     groups: dict[bytes, tuple[int, list[int]]] = {}
@@ -557,85 +556,136 @@ def _shared_prompts(examples: Sequence[Mapping[str, Any]]) -> list[tuple[int, li
     return list(groups.values()) + alone
 
 
-def _pack_rows(
-    groups: list[tuple[int, list[int]]], lengths: Sequence[int], row_length: int
-) -> list[list[tuple[int, list[int]]]]:
-    """Packs each group's prompt and answers into rows of `row_length` tokens.
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
 
-    A group too long for one row is split (each part repeats the prompt); parts are placed
-    first-fit in decreasing length. Returns rows as lists of (prefix length, members).
+
+def _prefix_tree(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list]:
+    """The token trie of `sequences` laid out in depth-first (pre-)order.
+
+    Sorted lexicographically, each sequence adds the nodes beyond its common prefix with the
+    one before it, which is the depth-first order of the trie; every node's subtree is then
+    the run of columns from the node to its `end`.
+
+    Returns:
+      (tokens [N], end [N], columns): `columns[j][c]` is the column of token c of sequence j.
     """
+    order = sorted(range(len(sequences)), key=lambda j: sequences[j].tolist())
+    tokens: list[np.ndarray] = []
+    columns: list = [None] * len(sequences)
+    prev, prev_cols, size = None, None, 0
+    for j in order:
+        seq = sequences[j]
+        shared = 0 if prev is None else _common_prefix(prev, seq)
+        cols = np.empty(len(seq), np.int64)
+        if shared:
+            cols[:shared] = prev_cols[:shared]
+        cols[shared:] = size + np.arange(len(seq) - shared)
+        tokens.append(seq[shared:])
+        size += len(seq) - shared
+        prev, prev_cols, columns[j] = seq, cols, cols
+    end = np.arange(size)
+    for cols in columns:
+        np.maximum.at(end, cols, cols[-1])
+    return np.concatenate(tokens), end, columns
+
+
+def _tree_size(sequences: Sequence[np.ndarray]) -> int:
+    ordered = sorted(sequences, key=lambda s: s.tolist())
+    return sum(
+        len(s) - (_common_prefix(p, s) if p is not None else 0)
+        for p, s in zip([None, *ordered[:-1]], ordered)
+    )
+
+
+def _pack_rows(
+    groups: list[tuple[int, list[int]]],
+    examples: Sequence[Mapping[str, Any]],
+    row_length: int,
+) -> list[list[list[int]]]:
+    """Packs each group's prefix tree (its shared prompt and answers) into rows of
+    `row_length` tokens.
+
+    A group whose tree is too long for one row is split, members in sorted order so that
+    sequences sharing a prefix stay together; pieces are placed first-fit in decreasing
+    size. Returns rows as lists of pieces (lists of example indices).
+    """
+    ids = [np.asarray(e["input_ids"], np.int32) for e in examples]
     pieces = []
-    for prefix, members in groups:
-        part, size = [], prefix
+    for _, members in groups:
+        members = sorted(members, key=lambda i: ids[i].tolist())
+        part, size, prev = [], 0, None
         for index in members:
-            suffix = lengths[index] - prefix
-            if part and size + suffix > row_length:
-                pieces.append((size, prefix, part))
-                part, size = [], prefix
+            add = len(ids[index]) - (_common_prefix(prev, ids[index]) if part else 0)
+            if part and size + add > row_length:
+                pieces.append((size, part))
+                part, size, add = [], 0, len(ids[index])
             part.append(index)
-            size += suffix
-        pieces.append((size, prefix, part))
-    rows: list[list[tuple[int, list[int]]]] = []
+            size, prev = size + add, ids[index]
+        pieces.append((size, part))
+    rows: list[list[list[int]]] = []
     free: list[int] = []
-    for size, prefix, part in sorted(pieces, key=lambda p: -p[0]):
+    for size, part in sorted(pieces, key=lambda p: -p[0]):
         row = next((r for r, room in enumerate(free) if room >= size), None)
         if row is None:
             rows.append([])
             free.append(row_length)
             row = len(rows) - 1
-        rows[row].append((prefix, part))
+        rows[row].append(part)
         free[row] -= size
     return rows
 
 
-def _packed_arrays(examples, rows, row_length, pad_id, ou_eos_masking):
-    """Host arrays of packed rows and, per example, where its answer tokens landed.
+class _Entries(NamedTuple):
+    """The scored labels of one packed call: which hidden state predicts which target."""
 
-    Each row holds prompts followed by their answers (the answer segment starts with the
-    prompt's last token). `segment` numbers the pieces of a row; `parent` is, for answer
-    tokens, the segment of their prompt (-2 otherwise); padding has segment -1.
+    at: np.ndarray  # flat position (row * T + column) of the predicting node
+    target: np.ndarray  # the label it predicts
+    example: np.ndarray  # the example the label belongs to
+    column: np.ndarray  # its column in the example's [T - 1] score fields
+
+
+def _packed_arrays(examples, rows, row_length, pad_id, ou_eos_masking):
+    """Host arrays of packed rows and the call's scored labels.
+
+    Each piece of a row is the prefix tree of its examples (`_prefix_tree`): a shared
+    prompt and shared answer beginnings are laid out once. `end` is, per column, the last
+    column of its subtree: a query sees a key exactly when it lies in the key's subtree.
+    The label after token c of an example is predicted by the node of token c.
     """
     n = len(rows)
     arrays = {
         "input_ids": np.full((n, row_length), pad_id, np.int32),
-        "labels": np.full((n, row_length), IGNORE_INDEX, np.int32),
         "positions": np.zeros((n, row_length), np.int32),
-        "segment": np.full((n, row_length), -1, np.int32),
-        "parent": np.full((n, row_length), -2, np.int32),
+        "end": np.full((n, row_length), -1, np.int32),
         "key_ok": np.zeros((n, row_length), np.int32),
     }
-    where: dict[int, tuple[int, int, int, int]] = {}  # index -> (row, start, prefix, length)
+    entries: list[list[np.ndarray]] = [[], [], [], []]
     for r, row in enumerate(rows):
-        col, segment = 0, 0
-        for prefix, members in row:
-            ids0 = np.asarray(examples[members[0]]["input_ids"], np.int32)
-            prompt_segment = segment
-            if prefix:
-                cols = slice(col, col + prefix)
-                arrays["input_ids"][r, cols] = ids0[:prefix]
-                arrays["positions"][r, cols] = np.arange(prefix)
-                arrays["segment"][r, cols] = segment
-                col, segment = col + prefix, segment + 1
-            for index in members:
-                ids = np.asarray(examples[index]["input_ids"], np.int32)
+        col = 0
+        for members in row:
+            seqs = [np.asarray(examples[i]["input_ids"], np.int32) for i in members]
+            tokens, end, columns = _prefix_tree(seqs)
+            span = slice(col, col + len(tokens))
+            arrays["input_ids"][r, span] = tokens
+            arrays["end"][r, span] = col + end
+            for index, seq, cols in zip(members, seqs, columns):
+                arrays["positions"][r, col + cols] = np.arange(len(seq))
                 labels = np.asarray(examples[index]["labels"], np.int32)
-                length = len(ids) - prefix
-                cols = slice(col, col + length)
-                arrays["input_ids"][r, cols] = ids[prefix:]
-                arrays["labels"][r, cols] = labels[prefix:]
-                arrays["labels"][r, col] = IGNORE_INDEX  # the prompt's last token
-                arrays["positions"][r, cols] = np.arange(prefix, len(ids))
-                arrays["segment"][r, cols] = segment
-                if prefix:
-                    arrays["parent"][r, cols] = prompt_segment
-                where[index] = (r, col, prefix, length)
-                col, segment = col + length, segment + 1
-    real = arrays["segment"] >= 0
+                scored = np.flatnonzero(labels[1:] != IGNORE_INDEX)
+                entries[0].append(r * row_length + col + cols[scored])
+                entries[1].append(labels[scored + 1])
+                entries[2].append(np.full(len(scored), index))
+                entries[3].append(scored)
+            col += len(tokens)
+    real = arrays["end"] >= 0
     if ou_eos_masking:
         real &= arrays["input_ids"] != pad_id
     arrays["key_ok"] = real.astype(np.int32)
-    return arrays, where
+    flat = [np.concatenate(e) if e else np.zeros(0, np.int64) for e in entries]
+    return arrays, _Entries(*(x.astype(np.int32) for x in flat))
 
 
 def _stats_wanted(stats: bool | Sequence[bool], n: int) -> np.ndarray:
@@ -644,42 +694,28 @@ def _stats_wanted(stats: bool | Sequence[bool], n: int) -> np.ndarray:
         return np.full(n, bool(stats))
     wanted = np.asarray(stats, bool)
     if wanted.shape != (n,):
+        count = wanted.shape[0] if wanted.ndim else "a scalar"
         raise ValueError(
-            f"stats must be one bool or one bool per example; got {wanted.shape[0] if wanted.ndim else 'a scalar'} "
-            f"flags for {n} examples"
+            f"stats must be one bool or one bool per example; got {count} flags for {n} examples"
         )
     return wanted
 
 
-def _scored_positions(host, where, wanted) -> tuple[np.ndarray, np.ndarray]:
-    """Flat positions (row * T + column) of one packed call whose next token is scored:
-    (those without statistics, those with). Position p's logits predict label p + 1."""
-    labels = host["labels"]
-    scored = np.zeros(labels.shape, bool)
-    scored[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    with_stats = np.zeros(labels.shape, bool)
-    for index, (row, start, _, length) in where.items():
-        if wanted[index]:
-            with_stats[row, start : start + length - 1] = True
-    scored, with_stats = scored.ravel(), with_stats.ravel()
-    return np.flatnonzero(scored & ~with_stats), np.flatnonzero(scored & with_stats)
-
-
 def _deal_rows(plan, examples, wanted, per_call: int) -> list[list]:
     """Deals packed rows to calls of `per_call` rows so that every call has about the same
-    number of positions with statistics and without: each call's index arrays are as long
-    as the largest call's, so an unbalanced deal would score padding.
+    number of scored labels with statistics and without: each call's index arrays are as
+    long as the largest call's, so an unbalanced deal would score padding.
 
-    Rows go in decreasing order of their statistics positions, then of all scored
-    positions, each to the open call with the fewest statistics positions so far (then the
+    Rows go in decreasing order of their labels with statistics, then of all their scored
+    labels, each to the open call with the fewest statistics labels so far (then the
     fewest scored ones).
     """
 
     def counts(row):
         n_stats = n_all = 0
-        for _, members in row:
+        for members in row:
             for index in members:
-                n = int((np.asarray(examples[index]["labels"]) != IGNORE_INDEX).sum())
+                n = int((np.asarray(examples[index]["labels"])[1:] != IGNORE_INDEX).sum())
                 n_all += n
                 n_stats += n if wanted[index] else 0
         return n_stats, n_all
@@ -695,11 +731,10 @@ def _deal_rows(plan, examples, wanted, per_call: int) -> list[list]:
     return calls
 
 
-def _index_array(positions: np.ndarray, size: int, past_end: int) -> np.ndarray:
-    """`positions` padded to `size` entries with `past_end`, an index the gather fills and
-    the scatter drops."""
-    out = np.full(size, past_end, np.int32)
-    out[: len(positions)] = positions
+def _padded(values: np.ndarray, size: int, fill: int) -> np.ndarray:
+    """`values` padded to `size` entries with `fill`."""
+    out = np.full(size, fill, np.int32)
+    out[: len(values)] = values
     return out
 
 
@@ -707,62 +742,50 @@ def _index_array(positions: np.ndarray, size: int, past_end: int) -> np.ndarray:
 def _score_packed_batch(
     state,
     input_ids,
-    labels,
     positions,
-    segment,
-    parent,
+    end,
     key_ok,
     plain_at,
+    plain_target,
     stats_at,
+    stats_target,
     *,
     graphdef,
     chunk_size,
 ):
     r, t = input_ids.shape
-    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T(query), T(key)]
-    same = segment[:, None, :] == segment[:, :, None]
-    to_prompt = segment[:, None, :] == parent[:, :, None]
-    allowed = causal[None] & (same | to_prompt) & (key_ok[:, None, :] == 1)
+    col = jnp.arange(t)
+    # Query q may attend to key k when k <= q lies in k's subtree (q <= end[k]): its own
+    # prompt and answer prefix, nothing of a sibling answer. Causal, so attention skips the
+    # blocks above the diagonal.
+    allowed = (
+        (col[None, :] <= col[:, None])[None]
+        & (col[None, :, None] <= end[:, None, :])
+        & (key_ok[:, None, :] == 1)
+    )
     model = nnx.merge(graphdef, state)
     hidden, kernel = model(input_ids, allowed, position_ids=positions, return_logits=False).head
-    # The vocabulary projection and log-softmax run only at the positions whose next token
-    # is scored (prompts, padding and each item's last token need none), and the Min-K%++
-    # statistics only at the positions of the examples that asked for them.
+    # The vocabulary projection and log-softmax run only at the nodes that predict a scored
+    # label (once per label: a node shared by several answers predicts each one's next
+    # token), and the Min-K%++ statistics only for the examples that asked for them.
     flat = hidden.reshape(r * t, hidden.shape[-1])
-    following = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX).ravel()
 
-    def scores_at(at, stats):
-        # The gathered positions as `r` sequences: in token_scores' convention position i
+    def scores_at(at, target, stats):
+        # The gathered nodes as `r` sequences: in token_scores' convention position i
         # predicts label i + 1, so each sequence's labels are its targets shifted by one.
         # (XLA:CPU reduces [1, N, V] or [N, 1, V] chunks several times slower than a few
         # rows of many positions.)
         h = flat.at[at].get(mode="fill", fill_value=0).reshape(r, -1, flat.shape[-1])
-        target = following.at[at].get(mode="fill", fill_value=IGNORE_INDEX).reshape(r, -1)
         hidden = jnp.pad(h, ((0, 0), (0, 1), (0, 0)))
-        shifted = jnp.pad(target, ((0, 0), (1, 0)), constant_values=IGNORE_INDEX)
-        return token_scores(Head(hidden, kernel), shifted, stats=stats, chunk_size=chunk_size)
+        shifted = jnp.pad(target.reshape(r, -1), ((0, 0), (1, 0)), constant_values=IGNORE_INDEX)
+        scores = token_scores(Head(hidden, kernel), shifted, stats=stats, chunk_size=chunk_size)
+        return {name: getattr(scores, name).reshape(-1) for name in _FIELDS[: 1 + 3 * stats]}
 
-    def scatter(at_values):
-        out = jnp.zeros(r * t, jnp.float32)
-        for at, values in at_values:
-            out = out.at[at].set(values.reshape(-1), mode="drop")
-        return out.reshape(r, t)[:, :-1]
-
-    kinds = ((plain_at, False), (stats_at, True))
-    parts = [(at, scores_at(at, stats)) for at, stats in kinds if at.shape[0]]
-    logprob = scatter([(at, scores.logprob) for at, scores in parts])
-    mask = (labels[:, 1:] != IGNORE_INDEX).astype(jnp.float32)
-    if not stats_at.shape[0]:
-        return TokenScores(logprob, mask)
-    stats_scores = parts[-1][1]
-    return TokenScores(
-        logprob,
-        mask,
-        *(scatter([(stats_at, getattr(stats_scores, name))]) for name in _STATS_FIELDS),
-    )
+    kinds = ((plain_at, plain_target, False), (stats_at, stats_target, True))
+    return tuple(scores_at(*kind) if kind[0].shape[0] else {} for kind in kinds)
 
 
-_STATS_FIELDS = ("entropy_mean", "entropy_std", "argmax_match")
+_FIELDS = ("logprob", "entropy_mean", "entropy_std", "argmax_match")
 
 
 def score_packed(
@@ -778,19 +801,18 @@ def score_packed(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ou_eos_masking: bool = False,
 ) -> TokenArrays:
-    """`score_examples` with each shared prompt encoded once and no padding between items.
+    """`score_examples` with every shared prefix encoded once and no padding between items.
 
     Examples whose unscored prompts are the same tokens (a TOFU question's answer, paraphrase
-    and perturbed answers) form a group; a group's prompt is laid out once in a row, followed
-    by each answer (which starts with the prompt's last token, the one that predicts the
-    first answer token). An attention mask lets every answer token see its own answer
-    causally and the prompt, nothing else; positions restart at the prompt length for each
-    answer. Every token therefore sees exactly the keys, values and RoPE positions it has in
-    `score_examples`, so the log-probs agree to float rounding, while the prompt is computed
-    once per group instead of once per answer and rows are packed full (first-fit
-    decreasing), so every batch has one shape: [rows, row_length]. The vocabulary
-    projection and float32 log-softmax run only at the positions whose next token is
-    scored, and the Min-K%++ statistics only for the examples that ask for them.
+    and perturbed answers) form a group, laid out in a row as the prefix tree (trie) of their
+    token sequences: the prompt once, then each answer beginning that several answers share
+    once (on TOFU's five splits about a sixth of all answer tokens), then each answer's own
+    tokens. An attention mask lets every token see exactly its ancestors in the tree, and
+    RoPE positions are tree depths, so every token sees the keys, values and positions it
+    has in `score_examples` and the log-probs agree to float rounding. Rows are packed full
+    (first-fit decreasing), so every batch has one shape: [rows, row_length]. The vocabulary
+    projection and float32 log-softmax run only at the nodes that predict a scored label,
+    and the Min-K%++ statistics only for the examples that ask for them.
 
     Models with sliding-window layers (whose windows count slots, not positions) fall back
     to `score_examples`.
@@ -814,7 +836,7 @@ def score_packed(
       `TokenArrays` with one row per example, in order, laid out as `score_examples` does.
 
     References:
-      The prompt-sharing mask is the "tree attention" of speculative decoding, e.g. Miao et
+      The prefix-tree mask is the "tree attention" of speculative decoding, e.g. Miao et
       al., "SpecInfer", 2023, arXiv:2305.09781.
     """
     if not examples:
@@ -835,7 +857,7 @@ def score_packed(
         )
     lengths = [len(e["input_ids"]) for e in examples]
     row_length = max(int(row_length), bucket_length(max(lengths), buckets))
-    plan = _pack_rows(_shared_prompts(examples), lengths, row_length)
+    plan = _pack_rows(_shared_prompts(examples), examples, row_length)
     ways = _ways(mesh)
     per_call = max(1, (batch_size * 128) // row_length)
     per_call = -(-min(per_call, 1 << max(len(plan) - 1, 0).bit_length()) // ways) * ways
@@ -843,39 +865,38 @@ def score_packed(
     calls = []
     for rows in _deal_rows(plan, examples, wanted, per_call):
         rows = rows + [[] for _ in range(per_call - len(rows))]
-        host, where = _packed_arrays(examples, rows, row_length, pad_id, ou_eos_masking)
-        calls.append((host, where, _scored_positions(host, where, wanted)))
-    # One index length per kind for every call of the stream (one compile), a multiple of
-    # 128 and of the call's rows (the gathered positions are scored as one sequence per row).
+        calls.append(_packed_arrays(examples, rows, row_length, pad_id, ou_eos_masking))
+    # One entry count per kind for every call of the stream (one compile), a multiple of
+    # 128 and of the call's rows (the gathered nodes are scored as one sequence per row).
     step = int(np.lcm(128, per_call))
-    sizes = [-(-max(len(at[k]) for *_, at in calls) // step) * step for k in (0, 1)]
+    kinds = [[wanted[entries.example] == flag for _, entries in calls] for flag in (False, True)]
+    sizes = [-(-max(int(np.sum(k)) for k in kind) // step) * step for kind in kinds]
     past_end = per_call * row_length
     graphdef, state = nnx.split(model)
     pending = []
-    for host, where, (plain, with_stats) in calls:
-        host = host | {
-            "plain_at": _index_array(plain, sizes[0], past_end),
-            "stats_at": _index_array(with_stats, sizes[1], past_end),
-        }
+    for c, (host, entries) in enumerate(calls):
+        picks = [kinds[0][c], kinds[1][c]]
+        for name, pick, size in zip(("plain", "stats"), picks, sizes):
+            host[f"{name}_at"] = _padded(entries.at[pick], size, past_end)
+            host[f"{name}_target"] = _padded(entries.target[pick], size, IGNORE_INDEX)
         batch = parallel.place_batch(host, mesh)
         out = _score_packed_batch(state, **batch, graphdef=graphdef, chunk_size=chunk_size)
-        pending.append((where, out))
+        pending.append((entries, picks, out))
     return _unpack(examples, lengths, pending, bool(wanted.any()))
 
 
 def _unpack(examples, lengths, pending, stats: bool) -> TokenArrays:
-    """Scatters packed-row scores back to one `score_examples`-layout row per example."""
+    """Writes each call's per-label scores to one `score_examples`-layout row per example."""
     width = max(lengths) - 1
     fields = _empty_fields(len(examples), width, stats)
-    for where, out in pending:
-        host = jax.device_get(out)
-        for index, (row, start, prefix, length) in where.items():
-            # Packed column start + j predicts answer token j + 1, i.e. item column prefix + j.
-            for name, array in fields.items():
-                array[index, prefix : prefix + length - 1] = np.asarray(getattr(host, name))[
-                    row, start : start + length - 1
-                ]
-    return TokenArrays(targets=_targets(examples, width), **fields)
+    targets = _targets(examples, width)
+    fields["mask"] = (targets != IGNORE_INDEX).astype(np.float32)
+    for entries, picks, out in pending:
+        for pick, scores in zip(picks, jax.device_get(out)):
+            rows, cols = entries.example[pick], entries.column[pick]
+            for name, values in scores.items():
+                fields[name][rows, cols] = np.asarray(values)[: len(rows)]
+    return TokenArrays(targets=targets, **fields)
 
 
 def score_items(
