@@ -931,7 +931,7 @@ def score_items(
       max_length: most tokens per item (default: the largest bucket).
       chunk_size: vocabulary columns per chunk of the float32 log-softmax.
       ou_eos_masking: see `score_examples`.
-      packed: score with `score_packed` (each shared prompt once, rows packed full, one
+      packed: score with `score_packed` (each shared prefix once, rows packed full, one
         shape) instead of `score_examples`; same numbers to float rounding.
 
     Returns:

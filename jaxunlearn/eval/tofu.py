@@ -331,9 +331,9 @@ def evaluate_tofu(
       ou_eos_masking: open-unlearning's attention mask (input_ids != pad): with pad = EOS it
         also hides EOS-valued tokens inside prompts (Llama-3's ``<|eot_id|>``); see
         `inference.score_examples`. Off by default; recorded in the metadata.
-      packed: teacher-forced scoring with `inference.score_packed`: each question's prompt
-        is encoded once for its answer, paraphrase and perturbed answers, and rows are packed
-        without padding into one shape. False scores each (question, answer) on its own
+      packed: teacher-forced scoring with `inference.score_packed`: each question's prompt,
+        and every answer beginning its answer, paraphrase and perturbed answers share, is
+        encoded once, and rows are packed without padding into one shape. False scores each (question, answer) on its own
         (`inference.score_examples`); the numbers agree to float rounding. It also left-pads
         all generation prompts to one length (`inference.generate_tokens(one_length=True)`):
         one compilation for the ROUGE generations.
@@ -500,13 +500,14 @@ def _score_blocks(
     """Scores every answer the needed metrics use in one batched call (the timing phase
     ``score/all``); returns block name -> arrays, perturbed [N, K, L].
 
-    One call for all splits lets `inference.score_packed` share each question's prompt
-    among its answer, paraphrase and perturbed answers and fill its packed rows across
-    splits: on TOFU's five splits a per-split call left about a third of the row slots as
-    padding (each split's last, partly filled batch), one call about 4%. The forget blocks
+    One call for all splits lets `inference.score_packed` share each question's prompt (and
+    shared answer beginnings) among its answer, paraphrase and perturbed answers and fill
+    its packed rows across splits: on TOFU's five splits a per-split call left about a
+    third of the row slots as padding (each split's last, partly filled batch), one call
+    about 4%. The forget blocks
     carry the entropy and argmax statistics when a memorisation or MIA metric needs them;
     the holdout answers always do. Only those items pay for the statistics (packed
-    scoring computes them per position); the other blocks drop the zeroed fields.
+    scoring computes them per label); the other blocks drop the zeroed fields.
     """
     stats_for_forget = bool(needed & {"extraction_strength", "exact_memorization", *_MIA})
     sets = {"forget": (forget_name, "paraphrased_answer"), **_QA_SETS}

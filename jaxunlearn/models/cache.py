@@ -96,7 +96,7 @@ def attention_mask_bts(
     `kv_idx > q_idx - W` (`sliding_window_overlay`).
 
     A [B, T, T] `attention_mask` is an allowed matrix (no cache): several sequences packed
-    into one row, each attending only within itself and to a shared prompt
+    into one row as a prefix tree, each token attending to its ancestors only
     (`jaxunlearn.eval.inference.score_packed`). The models are causal, so it is combined
     with the causal mask (it can only take keys away), which lets attention skip the
     blocks above the diagonal.
