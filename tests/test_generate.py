@@ -211,3 +211,26 @@ def test_generate_rejects_bad_input(tiny_hf_model, nnx_twin):
         generate(model, ids, mask, temperature=1.0, **kw)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, ids, mask, temperature=1.0, top_p=0.0, rng=jax.random.key(0), **kw)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2)])
+def test_decode_attention_matches_plain_softmax(heads, kv_heads):
+    """One decode step over the cache layout (keys [B, KV, D, S], values [B, KV, S, D]),
+    multi-head (one query per key/value head, scored through a duplicated query) and
+    grouped-query, against softmax attention written out in numpy."""
+    from jaxunlearn.models.layers import cached_attention
+
+    rng = np.random.default_rng(0)
+    b, d, s = 3, 8, 11
+    q = rng.normal(size=(b, 1, heads, d)).astype(np.float32)
+    k = rng.normal(size=(b, kv_heads, d, s)).astype(np.float32)
+    v = rng.normal(size=(b, kv_heads, s, d)).astype(np.float32)
+    allowed = np.arange(s)[None, None, :] < np.array([11, 7, 1])[:, None, None]
+    out = np.asarray(cached_attention(q, k, v, allowed, 0.3))
+    for i in range(b):
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            scores = np.where(allowed[i, 0], 0.3 * q[i, 0, h] @ k[i, g], -np.inf)
+            p = np.exp(scores - scores.max())
+            want = (p / p.sum()) @ v[i, g]
+            np.testing.assert_allclose(out[i, 0, h], want, atol=1e-5)
