@@ -119,9 +119,10 @@ def how_to(b: Bench) -> str:
 
 # Results that regenerate.py does not produce from the current code, and how they were made.
 ONE_OFF = {
-    "bench_demo_before": "git checkout 6eab679 -- jaxunlearn && python benchmarks/bench_demo.py "
-    "--preset small --json-out benchmarks/results/bench_demo_before.json && "
-    "git checkout HEAD -- jaxunlearn",
+    "bench_demo_before": "git worktree add /tmp/before HEAD && cd /tmp/before && git checkout "
+    "6eab679 -- jaxunlearn && python benchmarks/bench_demo.py --preset small --json-out "
+    "benchmarks/results/bench_demo_before.json (then copy the JSON back; run it the same day "
+    "as --only bench_demo: the machine's speed drifts between days)",
 }
 
 
