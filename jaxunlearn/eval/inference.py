@@ -592,14 +592,6 @@ def _prefix_tree(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(tokens), end, columns
 
 
-def _tree_size(sequences: Sequence[np.ndarray]) -> int:
-    ordered = sorted(sequences, key=lambda s: s.tolist())
-    return sum(
-        len(s) - (_common_prefix(p, s) if p is not None else 0)
-        for p, s in zip([None, *ordered[:-1]], ordered)
-    )
-
-
 def _pack_rows(
     groups: list[tuple[int, list[int]]],
     examples: Sequence[Mapping[str, Any]],

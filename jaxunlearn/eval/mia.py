@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from jaxunlearn.eval.metrics import _xp, drop_last_label, length_normalised_loss
+from jaxunlearn.eval.metrics import _mask, _xp, length_normalised_loss
 
 # AUC of the retrained MUSE model for `forget_holdout_Min-40%`, in MUSE's own orientation
 # (AUC_MUSE = 1 - AUC_OU): muse_bench `constants.AUC_RETRAIN` (s.2.2). Kept bit-exact.
@@ -122,13 +122,6 @@ def _lowest_k_mean(values: Array, mask: Array, k: float, at_least_one: bool) -> 
     return xp.where(n > 0, score, 0.0) if at_least_one else score
 
 
-def _scored(mask: ArrayLike, drop_last: bool) -> Array:
-    if drop_last:
-        return drop_last_label(mask)
-    xp = _xp(mask)
-    return (xp.asarray(mask) > 0).astype(xp.float32)
-
-
 def _check_k(k: float) -> None:
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must be in (0, 1], got {k}.")
@@ -161,7 +154,7 @@ def min_k_score(
       Shi et al., "Detecting Pretraining Data from Large Language Models", arXiv 2310.16789.
     """
     _check_k(k)
-    m = _scored(mask, drop_last)
+    m = _mask(mask, drop_last)
     xp = _xp(logprob, mask)
     return _lowest_k_mean(xp.asarray(logprob, xp.float32), m, k, at_least_one)
 
@@ -202,7 +195,7 @@ def min_k_plus_plus_score(
     xp = _xp(logprob, entropy_mean, entropy_std, mask)
     sigma = xp.maximum(xp.asarray(entropy_std, xp.float32), np.float32(1e-3))
     z = (xp.asarray(logprob, xp.float32) - xp.asarray(entropy_mean, xp.float32)) / sigma
-    return _lowest_k_mean(z, _scored(mask, drop_last), k, at_least_one)
+    return _lowest_k_mean(z, _mask(mask, drop_last), k, at_least_one)
 
 
 def gradnorm_score(grads: Any, p: float = 2) -> Array:

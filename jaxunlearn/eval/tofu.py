@@ -333,8 +333,9 @@ def evaluate_tofu(
         `inference.score_examples`. Off by default; recorded in the metadata.
       packed: teacher-forced scoring with `inference.score_packed`: each question's prompt,
         and every answer beginning its answer, paraphrase and perturbed answers share, is
-        encoded once, and rows are packed without padding into one shape. False scores each (question, answer) on its own
-        (`inference.score_examples`); the numbers agree to float rounding. It also left-pads
+        encoded once, and rows are packed without padding into one shape. False scores
+        each (question, answer) on its own (`inference.score_examples`); the numbers agree
+        to float rounding. It also left-pads
         all generation prompts to one length (`inference.generate_tokens(one_length=True)`):
         one compilation for the ROUGE generations.
 
@@ -504,10 +505,10 @@ def _score_blocks(
     shared answer beginnings) among its answer, paraphrase and perturbed answers and fill
     its packed rows across splits: on TOFU's five splits a per-split call left about a
     third of the row slots as padding (each split's last, partly filled batch), one call
-    about 4%. The forget blocks
-    carry the entropy and argmax statistics when a memorisation or MIA metric needs them;
-    the holdout answers always do. Only those items pay for the statistics (packed
-    scoring computes them per label); the other blocks drop the zeroed fields.
+    about 4%. The forget blocks carry the entropy and argmax statistics when a memorisation
+    or MIA metric needs them; the holdout answers always do. Only those items pay for the
+    statistics (packed scoring computes them per label); the other blocks drop the zeroed
+    fields.
     """
     stats_for_forget = bool(needed & {"extraction_strength", "exact_memorization", *_MIA})
     sets = {"forget": (forget_name, "paraphrased_answer"), **_QA_SETS}
