@@ -15,14 +15,23 @@ layers. Timed, interleaved and quiet-gated like the other benchmarks:
 
 All three compute float32 scores and softmax; their outputs are compared (max |diff|).
 
+The other half of a decode step, its weight matrix products, is timed the same way
+(``projections``): the 43 products of one step of the benchmark model at 32 rows (per layer
+q, k, v, o, gate, up, down, then the vocabulary head) chained as the model chains them, in
+JAX on the library's [in, out] kernels and in torch with `F.linear` on transformers' [out,
+in] weights. No design choice of the library enters this comparison: it is XLA:CPU's
+matrix kernels against torch's (MKL / oneDNN) at the decode step's shapes.
+
     python benchmarks/bench_decode.py --json-out benchmarks/results/bench_decode.json
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +41,7 @@ from _quiet import Gate, add_gate_args, add_json_arg, format_ratio, ratio_entry,
 from jaxunlearn.models.layers import cached_attention
 
 B, KV, G, D, LAYERS = 32, 4, 2, 64, 6
+HIDDEN, INTERMEDIATE, VOCAB = 512, 1408, 4096  # bench_model.MODEL_SHAPE
 
 
 def _inputs(slots: int, seed: int = 0):
@@ -100,11 +110,70 @@ def torch_fn(q, k, v, allowed):
     return run
 
 
+def _projection_weights(seed: int = 0) -> list[dict[str, np.ndarray]]:
+    # Per layer, [in, out] float32 kernels as the library stores them; the last is the head.
+    rng = np.random.RandomState(seed)
+    shapes = {
+        "q": (HIDDEN, KV * G * D),
+        "k": (HIDDEN, KV * D),
+        "v": (HIDDEN, KV * D),
+        "o": (KV * G * D, HIDDEN),
+        "gate": (HIDDEN, INTERMEDIATE),
+        "up": (HIDDEN, INTERMEDIATE),
+        "down": (INTERMEDIATE, HIDDEN),
+    }
+    draw = lambda shape: (rng.randn(*shape) / np.sqrt(shape[0])).astype(np.float32)  # noqa: E731
+    layers = [{name: draw(shape) for name, shape in shapes.items()} for _ in range(LAYERS)]
+    return layers + [{"head": draw((HIDDEN, VOCAB))}]
+
+
+def projection_fns(weights, x):
+    """One decode step's matrix products, JAX ([in, out] kernels) and torch (F.linear)."""
+    import torch
+    import torch.nn.functional as F
+
+    def step(x, w, matmul, silu, cat):
+        for layer in w[:-1]:
+            q, k, v = matmul(x, layer["q"]), matmul(x, layer["k"]), matmul(x, layer["v"])
+            x = x + matmul(q + cat(k, v), layer["o"])  # attention itself is timed above
+            x = x + matmul(silu(matmul(x, layer["gate"])) * matmul(x, layer["up"]), layer["down"])
+        return matmul(x, w[-1]["head"])
+
+    jw = jax.tree.map(jnp.asarray, weights)
+    jax_step = jax.jit(
+        lambda x, w: step(x, w, jnp.matmul, jax.nn.silu, lambda a, b: jnp.concatenate([a, b], -1))
+    )
+    tw = [{k: torch.from_numpy(np.ascontiguousarray(v.T)) for k, v in d.items()} for d in weights]
+    tx = torch.from_numpy(x)
+
+    def run_jax():
+        return np.asarray(jax_step(jnp.asarray(x), jw).block_until_ready())
+
+    def run_torch():
+        with torch.inference_mode():
+            return step(tx, tw, F.linear, F.silu, lambda a, b: torch.cat([a, b], -1)).numpy()
+
+    return run_jax, run_torch
+
+
+def _ms_per_call(gate: Gate, fns: dict, repeats: int, calls: int) -> dict[str, float]:
+    """Median milliseconds per call; each timed round makes enough calls to last >= 0.3 s,
+    long enough for the gate to measure what other processes did meanwhile."""
+    for f in fns.values():
+        f()  # compile / warm up
+        start = time.perf_counter()
+        f()
+        calls = max(calls, math.ceil(0.3 / max(time.perf_counter() - start, 1e-6)))
+    rounds = {k: (lambda f=f: [f() for _ in range(calls)]) for k, f in fns.items()}
+    times = gate.times(rounds, repeats)
+    return {k: 1000 * statistics.median(v) / calls for k, v in times.items()}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--slots", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--slots", type=int, nargs="+", default=[64, 256, 512])
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--calls", type=int, default=10, help="calls per timed round")
+    p.add_argument("--calls", type=int, default=10, help="least calls per timed round")
     add_gate_args(p, max_wait=300.0)
     add_json_arg(p)
     args = p.parse_args(argv)
@@ -118,13 +187,14 @@ def main(argv=None) -> dict:
         ref = torch_fn(*inputs)
         diff = max(float(np.abs(f() - ref()).max()) for f in (now, before))
 
-        def many(f):
-            return lambda: [f() for _ in range(args.calls)]
-
-        fns = {"jax": many(now), "jax_before": many(before), "torch": many(ref)}
-        times = gate.times(fns, args.repeats)
-        ms = {k: 1000 * statistics.median(v) / args.calls for k, v in times.items()}
+        fns = {"jax": now, "jax_before": before, "torch": ref}
+        ms = _ms_per_call(gate, fns, args.repeats, args.calls)
         rows[slots] = {"ms_per_step": ms, "max_abs_diff": diff}
+    x = np.random.RandomState(1).randn(B, HIDDEN).astype(np.float32)
+    run_jax, run_torch = projection_fns(_projection_weights(), x)
+    scale = float(np.abs(run_torch()).max())
+    proj_diff = float(np.abs(run_jax() - run_torch()).max()) / scale
+    proj = _ms_per_call(gate, {"jax": run_jax, "torch": run_torch}, args.repeats, args.calls)
     quiet = gate.record()
     for slots, row in rows.items():
         ms = row["ms_per_step"]
@@ -136,6 +206,17 @@ def main(argv=None) -> dict:
             f"{format_ratio(row['torch_over_jax'])}, before/jax "
             f"{format_ratio(row['before_over_jax'])}; max |diff| {row['max_abs_diff']:.1e}"
         )
+    projections = {
+        "products": 7 * LAYERS + 1,
+        "ms_per_step": proj,
+        "max_rel_diff": proj_diff,
+        "torch_over_jax": ratio_entry(proj["torch"] / proj["jax"], quiet),
+    }
+    print(
+        f"projections ({projections['products']} products, {B} rows): jax {proj['jax']:.2f} ms, "
+        f"torch {proj['torch']:.2f} ms per step; torch/jax "
+        f"{format_ratio(projections['torch_over_jax'])}; max rel diff {proj_diff:.1e}"
+    )
     result = {
         "benchmark": "bench_decode",
         "shape": {
@@ -148,6 +229,7 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "jax_backend": jax.default_backend(),
         "slots": {str(k): v for k, v in rows.items()},
+        "projections": projections,
         "quiet_gate": quiet,
     }
     write_json(args.json_out, result)

@@ -365,6 +365,7 @@ def render_bench_eval(res: dict) -> str:
         ["transformers + torch", f"{num(res.get('torch_s'))} s", ""],
         ["teacher-forced scoring alone", "", eval_ratio("torch_over_jax_scoring")],
     ]  # fmt: skip
+    rows += _eval_bounds(res, quiet)
     parts = [
         f"{res.get('n_items', '?')} items, batch {res.get('batch_size', '?')}, "
         f"{res.get('max_new_tokens', '?')} new tokens, scoring {res.get('scoring', '?')}.",
@@ -383,6 +384,22 @@ def render_bench_eval(res: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _eval_bounds(res: dict, quiet: dict) -> list[list[str]]:
+    # From the compiled run's phases: generation alone, and the compiled-suite ratio the
+    # run would reach if jaxunlearn's teacher-forced scoring took no time at all.
+    phases = res.get("phases_s") or {}
+    jax_p, torch_p = phases.get("jax (compiled)"), phases.get("transformers+torch")
+    if not (jax_p and torch_p and jax_p.get("generate") and res.get("jax_s")):
+        return []
+    score = sum(v for k, v in jax_p.items() if k.startswith("score/"))
+    return [
+        ["generation alone", f"{num(jax_p['generate'])} s",
+         ratio(_ratio_from(torch_p["generate"] / jax_p["generate"], quiet))],
+        ["bound: compiled suite if jaxunlearn's scoring took no time",
+         f"{num(res['jax_s'] - score)} s", ratio(_ratio_from(res["torch_s"] / (res["jax_s"] - score), quiet))],
+    ]  # fmt: skip
+
+
 def render_bench_decode(res: dict) -> str:
     """bench_decode: milliseconds per decode step's attention (6 layers), per cache size."""
     rows = [
@@ -393,11 +410,21 @@ def render_bench_decode(res: dict) -> str:
     head = ["slots", "jaxunlearn ms", "previous layout ms", "torch sdpa ms", "torch / jaxunlearn",
             "previous / jaxunlearn", "max abs diff"]  # fmt: skip
     shape = res.get("shape", {})
-    return (
+    out = (
         f"{shape.get('rows', '?')} rows, {shape.get('query_heads', '?')} query heads over "
         f"{shape.get('kv_heads', '?')} key/value heads of {shape.get('head_dim', '?')}, "
         f"{shape.get('layers', '?')} layers per step.\n\n" + table(head, rows)
     )
+    proj = res.get("projections")
+    if proj:
+        ms = proj["ms_per_step"]
+        out += "\n\n" + table(
+            ["the step's matrix products", "jaxunlearn (XLA:CPU) ms", "torch ms",
+             "torch / jaxunlearn", "max rel diff"],
+            [[f"{proj['products']} products, {shape.get('rows', '?')} rows", num(ms["jax"]),
+              num(ms["torch"]), ratio(proj["torch_over_jax"]), f"{proj['max_rel_diff']:.1e}"]],
+        )  # fmt: skip
+    return out
 
 
 def _ratio_from(value: float, quiet: dict) -> dict:

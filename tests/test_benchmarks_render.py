@@ -159,10 +159,34 @@ def test_bench_eval_result_renders_times_phases_and_withheld_ratios(tmp_path):
     for expected in ("48.8 s", "71 s", "43.8 s", "0.90×", "0.62×", "2.50×", "Quiet gate: **held**",
                      "| generate | 30.1 | 25.5 |", "| score/forget | 4.2 | – |", "9.5e-07"):  # fmt: skip
         assert expected in text, expected
+    # Derived rows: generation alone (torch / jax generate phase) and the compiled-suite
+    # ratio with jaxunlearn's scoring phases taken out (43.8 / (48.8 - 4.2) = 0.98).
+    assert f"| generation alone | 30.1 s | {25.5 / 30.1:.2f}× |" in text
+    assert f"took no time | {48.8 - 4.2:.1f} s | {43.8 / (48.8 - 4.2):.2f}× |" in text
     write(tmp_path, "bench_eval", eval_result(True))
     text = render.render_section("bench_eval", tmp_path)
     assert text.count("withheld (loaded)") == 3 and "NOT held" in text
     assert "0.90×" not in text
+
+
+def test_bench_decode_renders_attention_rows_and_the_step_products(tmp_path):
+    held = {"gate": 0.05, "held": True, "reason": "quiet", "rounds": 3}
+    res = {"shape": {"rows": 32, "kv_heads": 4, "query_heads": 8, "head_dim": 64, "layers": 6},
+           "slots": {"64": {"ms_per_step": {"jax": 2.0, "jax_before": 5.0, "torch": 1.5},
+                            "max_abs_diff": 7e-7,
+                            "torch_over_jax": {"value": 0.75, "status": "quiet"},
+                            "before_over_jax": {"value": 2.5, "status": "quiet"}}},
+           "projections": {"products": 43, "ms_per_step": {"jax": 11.0, "torch": 8.8},
+                           "max_rel_diff": 5e-6,
+                           "torch_over_jax": {"value": 0.8, "status": "quiet"}},
+           "quiet_gate": held}  # fmt: skip
+    write(tmp_path, "bench_decode", res)
+    text = render.render_section("bench_decode", tmp_path)
+    assert "| 64 | 2 | 5 | 1.5 | 0.75× | 2.50× | 7.0e-07 |" in text
+    assert "| 43 products, 32 rows | 11 | 8.8 | 0.80× | 5.0e-06 |" in text
+    del res["projections"]
+    write(tmp_path, "bench_decode", res)
+    assert "products" not in render.render_section("bench_decode", tmp_path)
 
 
 def test_template_renders_with_no_results_at_all(tmp_path):
