@@ -37,11 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _quiet import Gate, add_gate_args, add_json_arg, format_ratio, ratio_entry, write_json
+from bench_model import MODEL_SHAPE  # the benchmark model every benchmark uses
 
 from jaxunlearn.models.layers import cached_attention
 
-B, KV, G, D, LAYERS = 32, 4, 2, 64, 6
-HIDDEN, INTERMEDIATE, VOCAB = 512, 1408, 4096  # bench_model.MODEL_SHAPE
+_SHAPE = {flag.lstrip("-"): value for flag, value in MODEL_SHAPE}
+HIDDEN, INTERMEDIATE, VOCAB = _SHAPE["hidden"], _SHAPE["intermediate"], _SHAPE["vocab"]
+KV, LAYERS = _SHAPE["kv-heads"], _SHAPE["layers"]
+G, D = _SHAPE["heads"] // KV, HIDDEN // _SHAPE["heads"]
+B = 32  # rows: the evaluation benchmark's batch
 
 
 def _inputs(slots: int, seed: int = 0):
@@ -191,9 +195,10 @@ def main(argv=None) -> dict:
         ms = _ms_per_call(gate, fns, args.repeats, args.calls)
         rows[slots] = {"ms_per_step": ms, "max_abs_diff": diff}
     x = np.random.RandomState(1).randn(B, HIDDEN).astype(np.float32)
-    run_jax, run_torch = projection_fns(_projection_weights(), x)
-    scale = float(np.abs(run_torch()).max())
-    proj_diff = float(np.abs(run_jax() - run_torch()).max()) / scale
+    weights = _projection_weights()
+    run_jax, run_torch = projection_fns(weights, x)
+    expected = run_torch()
+    proj_diff = float(np.abs(run_jax() - expected).max() / np.abs(expected).max())
     proj = _ms_per_call(gate, {"jax": run_jax, "torch": run_torch}, args.repeats, args.calls)
     quiet = gate.record()
     for slots, row in rows.items():
@@ -207,7 +212,7 @@ def main(argv=None) -> dict:
             f"{format_ratio(row['before_over_jax'])}; max |diff| {row['max_abs_diff']:.1e}"
         )
     projections = {
-        "products": 7 * LAYERS + 1,
+        "products": sum(len(layer) for layer in weights),
         "ms_per_step": proj,
         "max_rel_diff": proj_diff,
         "torch_over_jax": ratio_entry(proj["torch"] / proj["jax"], quiet),
